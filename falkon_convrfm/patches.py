@@ -1,0 +1,96 @@
+"""Patch geometry: images as rows, patches in ``unfold`` order, and the conv2d view of Lᵀ."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchGeometry:
+    """Patches of size ``q×q`` with ``stride`` and zero ``padding`` over images of shape (c, H, W).
+
+    A patch vector has d = c·q² entries in the (channel, row, col) order of
+    ``torch.nn.functional.unfold``; an image travels as a row of length c·H·W (C-order).
+    """
+
+    image_shape: tuple
+    patch_size: int = 3
+    stride: int = 1
+    padding: int = 0
+
+    def __post_init__(self):
+        shape = tuple(self.image_shape)
+        if len(shape) != 3:
+            raise ValueError(f"image_shape must be (channels, height, width), got {self.image_shape!r}")
+        shape = tuple(_positive_int(n, v) for n, v in zip(("channels", "height", "width"), shape))
+        object.__setattr__(self, "image_shape", shape)
+        object.__setattr__(self, "patch_size", _positive_int("patch_size", self.patch_size))
+        object.__setattr__(self, "stride", _positive_int("stride", self.stride))
+        object.__setattr__(self, "padding", _positive_int("padding", self.padding, minimum=0))
+        _, h, w = shape
+        q, pad = self.patch_size, self.padding
+        if q > h + 2 * pad or q > w + 2 * pad:
+            raise ValueError(
+                f"patch_size={q} is larger than the padded image ({h + 2 * pad}×{w + 2 * pad} for "
+                f"image_shape={shape}, padding={pad})"
+            )
+
+    @property
+    def out_shape(self) -> tuple:
+        """(Ho, Wo): the grid of patch locations."""
+        _, h, w = self.image_shape
+        q, s, pad = self.patch_size, self.stride, self.padding
+        return (h + 2 * pad - q) // s + 1, (w + 2 * pad - q) // s + 1
+
+    @property
+    def num_locations(self) -> int:
+        """P, the number of patch locations."""
+        ho, wo = self.out_shape
+        return ho * wo
+
+    @property
+    def patch_dim(self) -> int:
+        """d = c·q²."""
+        return self.image_shape[0] * self.patch_size**2
+
+    @property
+    def row_length(self) -> int:
+        """c·H·W, the length of an image row."""
+        c, h, w = self.image_shape
+        return c * h * w
+
+    def check_rows(self, rows: torch.Tensor, name: str = "X") -> None:
+        """Raise ValueError unless ``rows`` is 2-D with c·H·W columns."""
+        if rows.dim() != 2 or rows.shape[1] != self.row_length:
+            raise ValueError(
+                f"{name} has shape {tuple(rows.shape)}; the kernel's geometry expects rows of length "
+                f"c·H·W = {self.row_length} (image_shape={self.image_shape}, flattened in C-order)"
+            )
+
+    def images(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (n, c·H·W) as images (n, c, H, W)."""
+        self.check_rows(rows)
+        return rows.reshape(rows.shape[0], *self.image_shape)
+
+    def patches(self, rows: torch.Tensor) -> torch.Tensor:
+        """All patches, (n, P, d), via ``unfold``."""
+        cols = F.unfold(self.images(rows), self.patch_size, padding=self.padding, stride=self.stride)
+        return cols.transpose(1, 2)
+
+    def filters(self, factor: torch.Tensor) -> torch.Tensor:
+        """A (d, r) factor L as r conv2d filters of shape (c, q, q) (rows of Lᵀ)."""
+        c, q = self.image_shape[0], self.patch_size
+        return factor.t().reshape(factor.shape[1], c, q, q)
+
+    def transform(self, rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """Lᵀx_p for every patch: conv2d of the images with Lᵀ, returned as (P, n, r)."""
+        out = F.conv2d(self.images(rows), self.filters(factor), stride=self.stride, padding=self.padding)
+        return out.flatten(2).permute(2, 0, 1).contiguous()
