@@ -62,3 +62,56 @@ def normalise_trace(M: torch.Tensor, target: float) -> torch.Tensor:
     """M scaled so that tr(M) = target (a zero M is returned unchanged)."""
     tr = torch.trace(M)
     return M if tr <= 0 else M * (target / tr)
+
+
+def dc_direction(d: int) -> torch.Tensor:
+    """e = 1/√d: the patch-brightness (DC) direction, the normalised all-ones vector."""
+    return torch.full((d,), d**-0.5, dtype=torch.float64)
+
+
+def fixed_metric(d: int, dc_weight: float | None = None) -> torch.Tensor:
+    """The fixed patch metric: I, or (I − eeᵀ) + w·eeᵀ when a DC weight w is given."""
+    M = torch.eye(d, dtype=torch.float64)
+    if dc_weight is None:
+        return M
+    e = dc_direction(d)
+    return M + (dc_weight - 1.0) * torch.outer(e, e)
+
+
+def update_metric(
+    G: torch.Tensor,
+    power: float = 1.0,
+    dc_weight: float | None = None,
+    shrinkage: float = 0.0,
+) -> torch.Tensor:
+    """The ConvRFM update M ← normalise(G^power), with optional DC handling and shrinkage.
+
+    Without a DC weight: M = d·G^p / tr(G^p), so tr(M) = tr(I) = d.
+    With DC weight w: DC is projected out, G⊥ = (I − eeᵀ) G (I − eeᵀ), and
+    M = (d − 1)·G⊥^p / tr(G⊥^p) + w·eeᵀ, so tr(M) = d − 1 + w, the trace of the fixed metric.
+    Shrinkage λ: M ← (1 − λ)·M + λ·fixed_metric(d, w).
+    """
+    d = G.shape[0]
+    G = 0.5 * (G + G.T).to(torch.float64)
+    if dc_weight is None:
+        M = normalise_trace(psd_power(G, power), d)
+    else:
+        e = dc_direction(d)
+        proj = torch.eye(d, dtype=torch.float64) - torch.outer(e, e)
+        M = normalise_trace(psd_power(proj @ G @ proj, power), d - 1) + dc_weight * torch.outer(e, e)
+    if shrinkage:
+        M = (1 - shrinkage) * M + shrinkage * fixed_metric(d, dc_weight)
+    return 0.5 * (M + M.T)
+
+
+def spectrum_summary(M: torch.Tensor, top: int = 5) -> dict:
+    """Top eigenvalues, effective rank (tr M / λ_max) and DC share (eᵀMe / tr M) of a metric."""
+    evals = torch.linalg.eigvalsh(M).flip(0)
+    e = dc_direction(M.shape[0])
+    tr = torch.trace(M).item()
+    return {
+        "top_eigenvalues": [round(v, 6) for v in evals[:top].tolist()],
+        "effective_rank": tr / max(evals[0].item(), 1e-300),
+        "dc_share": (e @ M @ e).item() / max(tr, 1e-300),
+        "trace": tr,
+    }

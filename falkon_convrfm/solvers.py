@@ -25,3 +25,57 @@ def exact_ridge_fit(kernel, X: torch.Tensor, Y: torch.Tensor, penalty: float) ->
 def kernel_predict(kernel, X: torch.Tensor, centres: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """f(X) = K(X, centres) α."""
     return kernel.mmv(X, centres, alpha)
+
+
+def falkon_options(max_memory=None, device: str = "cpu", **overrides):
+    """FalkonOptions for this package's kernel: memory budget on both devices, and K_nm stored
+    whenever it fits (``store_kernel_d_threshold=0``): a convolutional kernel costs P·r per
+    entry whatever the row length, so re-evaluating it at every CG iteration never pays."""
+    from ._compat import require_falkon
+
+    falkon = require_falkon()
+    opts = dict(store_kernel_d_threshold=0, use_cpu=(device == "cpu"), keops_active="auto")
+    if max_memory is not None:
+        opts.update(max_cpu_mem=float(max_memory), max_gpu_mem=float(max_memory))
+    opts.update(overrides)
+    return falkon.FalkonOptions(**opts)
+
+
+def fit_kernel_machine(
+    kernel,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    centre_idx: torch.Tensor,
+    penalty: float,
+    solver: str,
+    loss: str = "squared",
+    maxiter: int = 20,
+    options=None,
+):
+    """Fit f(x) = K(x, centres) α; returns (centres, α).
+
+    ``solver='exact'``: every row is a centre, α = (K + nλI)⁻¹Y. ``'falkon'``: Nyström with the
+    rows ``centre_idx`` as centres (the same centres at every call), squared loss with
+    ``falkon.Falkon`` or logistic loss (binary, Y in {−1, +1}) with ``falkon.LogisticFalkon``.
+    """
+    if solver == "exact":
+        if loss != "squared":
+            raise ValueError("the exact solver supports the squared loss only; use solver='falkon'")
+        return X, exact_ridge_fit(kernel, X, Y, penalty)
+    from ._compat import require_falkon
+
+    falkon = require_falkon()
+    centres = X[centre_idx]
+    selector = falkon.center_selection.FixedSelector(centres)
+    if loss == "logistic":
+        penalties = [max(penalty, p) for p in (penalty * 1e4, penalty * 1e2, penalty)]
+        model = falkon.LogisticFalkon(
+            kernel, penalties, [3, 3, maxiter], falkon.gsc_losses.LogisticLoss(kernel),
+            M=len(centre_idx), center_selection=selector, options=options,
+        )
+    else:
+        model = falkon.Falkon(
+            kernel, penalty, M=len(centre_idx), center_selection=selector, maxiter=maxiter, options=options
+        )
+    model.fit(X, Y)
+    return model.ny_points_, model.alpha_

@@ -1,0 +1,136 @@
+r"""Closed-form patch gradients and the patch AGOP of a fitted convolutional kernel machine.
+
+For f_o(x) = Σ_j α_jo K(x, z_j) with K(x, z) = Σ_p ω_p κ(Lᵀx_p, Lᵀz_p), every patch x_p is
+treated as an independent variable:
+
+.. math::
+
+    ∇_{x_p} f_o(x) = ω_p\, L\, \tilde g_{po}(x), \qquad
+    \tilde g_{po} = Σ_j α_{jo}\, ∇_u κ(u, v_j)\big|_{u = Lᵀx_p,\; v_j = Lᵀz_{j,p}}
+
+    G = \frac1n Σ_i Σ_p Σ_o ∇_{x_p} f_o(x_i)\, ∇_{x_p} f_o(x_i)ᵀ = L \Big(Σ_p \tilde G_p\Big) Lᵀ
+
+In the transformed space every base kernel's gradient has the GEMM shape
+
+.. math::  \tilde g_{po}(x_i) = (Q_p (α_o ⊙ \tilde V_p))_i + (S_p α)_{io}\, \tilde u_i
+
+with weight matrices (n × m per location):
+
+- laplace:  Q = κ/(σ‖u − v‖) (0 at zero distance), S = −Q, ũ = u, Ṽ = V;
+- gaussian: Q = κ/σ², S = −Q, ũ = u, Ṽ = V;
+- ntk (θ the angle, c = cos θ, s = sin θ, a = ‖u‖, b = ‖v‖, hats unit vectors):
+  ∇_u κ = (κ/a) û + (b/π)(2(π − θ) + c/s)(v̂ − c û), so Q = (b/π)(2(π − θ) + c/s),
+  S = κ/a − Q c, ũ = û, Ṽ = V̂; the c/s term is 0 where s = 0 (aligned patches: the
+  symmetric subgradient of the kink) and the gradient is 0 for a zero patch.
+
+so a chunk of rows × locations costs two batched GEMMs against the centres. Rows may be
+any images (the AGOP is usually estimated on a random subset of the training set).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .ops.dense import _unit_rows, patch_kernel_pairs
+
+# Distances (laplace) or sines (ntk) below this, relative to the patch scale, count as zero:
+# the gradient there is the subgradient 0, and it keeps 1/distance finite.
+ZERO_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}
+
+
+def gradient_weights(U: torch.Tensor, V: torch.Tensor, kind: str, sigma: float):
+    """(ũ, Ṽ, Q, S) for rows U (p, n, r) and centres V (p, m, r): see the module docstring."""
+    tol = ZERO_RTOL.get(U.dtype, 1e-3)
+    if kind == "ntk":
+        a, Uh = _unit_rows(U)
+        b, Vh = _unit_rows(V)
+        c = torch.bmm(Uh, Vh.transpose(1, 2)).clamp_(-1.0, 1.0)
+        s = (1 - c * c).clamp_min_(0).sqrt_()
+        theta = torch.acos(c)
+        kappa = a.unsqueeze(2) * b.unsqueeze(1) * (2 * c * (math.pi - theta) + s) / math.pi
+        ratio = torch.where(s > tol, c / s.clamp_min(tol), torch.zeros_like(c))
+        Q = b.unsqueeze(1) / math.pi * (2 * (math.pi - theta) + ratio)
+        inv_a = torch.where(a > 0, 1 / a.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
+        S = kappa * inv_a.unsqueeze(2) - Q * c
+        Q = Q * (a > 0).unsqueeze(2)
+        return Uh, Vh, Q, S
+    centre = V.mean(dim=1, keepdim=True)  # distances are translation invariant; less cancellation
+    U, V = U - centre, V - centre
+    un, vn = U.pow(2).sum(-1), V.pow(2).sum(-1)
+    sqdist = (un.unsqueeze(2) + vn.unsqueeze(1) - 2 * torch.bmm(U, V.transpose(1, 2))).clamp_min_(0)
+    if kind == "gaussian":
+        Q = torch.exp(sqdist / (-2 * sigma**2)) / sigma**2
+    else:
+        dist = sqdist.sqrt_()
+        scale = (un.unsqueeze(2) + vn.unsqueeze(1)).sqrt_()
+        nonzero = dist > tol * scale
+        Q = torch.where(nonzero, torch.exp(-dist / sigma) / (sigma * dist.clamp_min(1e-300)), torch.zeros_like(dist))
+    return U, V, Q, -Q
+
+
+def transformed_gradients(U, V, alpha, kind: str, sigma: float) -> torch.Tensor:
+    """g̃ (p, n, C, r): Σ_j α_jo ∇_u κ(U[p, i], V[p, j]) for every location, row and output."""
+    Ut, Vt, Q, S = gradient_weights(U, V, kind, sigma)
+    p, m, r = Vt.shape
+    C = alpha.shape[1]
+    weighted = (alpha.unsqueeze(2) * Vt.unsqueeze(2)).reshape(p, m, C * r)  # α_o ⊙ Ṽ
+    g = torch.bmm(Q, weighted).view(p, -1, C, r)
+    return g.add_(torch.matmul(S, alpha).unsqueeze(3) * Ut.unsqueeze(2))
+
+
+def _as_2d(alpha: torch.Tensor) -> torch.Tensor:
+    return alpha.reshape(alpha.shape[0], -1)
+
+
+def patch_gradients(kernel, centres: torch.Tensor, alpha: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """∇_{x_p} f_o(x_i) for all rows, locations and outputs, shape (n, P, C, d). Small inputs only."""
+    alpha = _as_2d(alpha).to(X.dtype)
+    factor, weights = kernel._cast(X)
+    g = transformed_gradients(kernel.transform(X), kernel.transform(centres), alpha, kernel.base_kernel, kernel.sigma)
+    return torch.einsum("p,pncr,dr->npcd", weights, g, factor)
+
+
+def patch_agop(
+    kernel,
+    centres: torch.Tensor,
+    alpha: torch.Tensor,
+    X: torch.Tensor,
+    max_mem: float = 2**30,
+    progress: bool = False,
+):
+    """Patch AGOP of f(x) = K(x, centres) α over the rows of X.
+
+    Returns ``(G, location_share)``: G (d, d) = (1/n) Σ_i Σ_p Σ_o ∇_{x_p} f_o(x_i) ∇_{x_p} f_o(x_i)ᵀ
+    (symmetric PSD, float64), and tr_p = (1/n) Σ_i Σ_o ‖∇_{x_p} f_o(x_i)‖² per location (P,),
+    which sums to tr(G). Rows and locations are processed in chunks whose temporaries fit in
+    ``max_mem`` bytes; centres are transformed once.
+    """
+    alpha = _as_2d(alpha).to(X.dtype)
+    if X.shape[0] == 0:
+        raise ValueError("patch_agop needs at least one row of X")
+    factor, weights = kernel._cast(X)
+    Tz = kernel.transform(centres)  # (P, m, r)
+    P, m, r = Tz.shape
+    C = alpha.shape[1]
+    n = X.shape[0]
+    # per (location, row): Q, S, bmm operands and output ≈ (4 + C) m + 3 C r elements
+    per_pair = ((4 + C) * m + 3 * C * r) * X.element_size()
+    rows = int(max(1, min(n, max_mem // (per_pair * min(P, 8)))))
+    locs = int(max(1, min(P, max_mem // (per_pair * rows))))
+    Gp = torch.zeros(P, r, r, dtype=torch.float64, device=X.device)
+    with tqdm(total=n, desc="patch AGOP", unit="img", disable=not progress) as bar:
+        for i0 in range(0, n, rows):
+            Tx = kernel.transform(X[i0 : i0 + rows])
+            for p0 in range(0, P, locs):
+                sl = slice(p0, p0 + locs)
+                g = transformed_gradients(Tx[sl], Tz[sl], alpha, kernel.base_kernel, kernel.sigma)
+                g = g.mul_(weights[sl].view(-1, 1, 1, 1)).reshape(g.shape[0], -1, r)
+                Gp[sl] += torch.bmm(g.transpose(1, 2), g).double()
+            bar.update(Tx.shape[1])
+    Gp /= n
+    L = factor.double()
+    G = L @ Gp.sum(0) @ L.T
+    share = torch.einsum("rs,psr->p", L.T @ L, Gp)
+    return 0.5 * (G + G.T), share

@@ -1,0 +1,591 @@
+r"""Image datasets as channels-first tensors, train-fitted preprocessing and a synthetic task.
+
+Every loader returns an :class:`ImageDataset`: ``images`` (n, c, H, W) of a floating ``dtype``
+(float32 by default) and ``labels`` (n,) int64. uint8 pixel data is scaled to [0, 1] on load
+(x / 255); data stored as floats is only cast. Files are read in their distributed formats, with
+no torchvision needed (its download folders work as they are), and a missing or malformed file
+raises a FileNotFoundError / ValueError that names the file and the problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import numbers
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ImageDataset",
+    "Preprocessor",
+    "load_cifar",
+    "load_dataset",
+    "load_image_folder",
+    "load_mnist",
+    "load_npz",
+    "load_svhn",
+    "make_local_signal",
+    "train_val_split",
+    "zca_whitening",
+]
+
+DIGITS = tuple(str(d) for d in range(10))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+)
+
+
+@dataclasses.dataclass
+class ImageDataset:
+    """images (n, c, H, W) float, labels (n,) int64, class names (index = label) or None."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.labels.ndim != 1 or len(self.images) != len(self.labels):
+            raise ValueError(
+                f"ImageDataset needs images (n, c, H, W) and labels (n,), "
+                f"got {tuple(self.images.shape)} and {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ---------------------------------------------------------------------------- file helpers
+def _existing(path, what: str) -> Path:
+    """``path`` as a Path, or FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _find_dir(root, subdirs, markers) -> Path:
+    """The first of ``root``, ``root/subdir``… that holds one of the ``markers`` files."""
+    root = _existing(root, "dataset folder")
+    for folder in [root, *(root / s for s in subdirs)]:
+        if any((folder / m).is_file() for m in markers):
+            return folder
+    raise FileNotFoundError(f"{' / '.join(markers)} not found in {root} or its sub-folders {', '.join(subdirs)}")
+
+
+def _decode(path: Path, reader, what: str):
+    """``reader(path)``, any decoding failure re-raised as a ValueError naming the file."""
+    try:
+        return reader(path)
+    except Exception as exc:  # decoders (pickle, scipy, numpy, gzip, PIL) raise many types
+        raise ValueError(f"{path}: not a valid {what} file ({type(exc).__name__}: {exc})") from None
+
+
+def _get(mapping, key: str, path: Path):
+    """``mapping[key]``, or a ValueError naming the file, the key and the keys present."""
+    if key not in mapping:
+        found = ", ".join(repr(k) for k in mapping if not str(k).startswith("__"))
+        raise ValueError(f"{path}: missing key {key!r} (found: {found or 'none'})")
+    return mapping[key]
+
+
+def _to_images(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """NCHW numpy array → contiguous tensor of ``dtype``; uint8 is scaled to [0, 1] (x / 255)."""
+    x = torch.from_numpy(np.require(array, requirements=("C", "W"))).to(dtype)
+    return x.div_(255) if array.dtype == np.uint8 else x
+
+
+def _to_labels(labels, n: int, path: Path, num_classes: int | None = None) -> torch.Tensor:
+    """Integer labels as an (n,) int64 tensor, checked for length, integrality and range."""
+    y = np.asarray(labels).reshape(-1)
+    if y.size != n or not (np.issubdtype(y.dtype, np.number) and np.all(y == np.round(y))):
+        raise ValueError(f"{path}: expected {n} integer labels, got {y.size} of dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+        bound = f"[0, {num_classes})" if num_classes is not None else "non-negative"
+        raise ValueError(f"{path}: labels must be {bound}, got range [{y.min()}, {y.max()}]")
+    return torch.from_numpy(y)
+
+
+# ---------------------------------------------------------------------------- CIFAR
+@dataclasses.dataclass(frozen=True)
+class _CifarLayout:
+    folder: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    meta: str
+    label_key: str
+    names_key: str
+
+
+_CIFAR = {
+    10: _CifarLayout(
+        folder="cifar-10-batches-py",
+        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test=("test_batch",),
+        meta="batches.meta",
+        label_key="labels",
+        names_key="label_names",
+    ),
+    100: _CifarLayout(
+        folder="cifar-100-python",
+        train=("train",),
+        test=("test",),
+        meta="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
+    ),
+}
+
+
+def _unpickle(path: Path) -> dict:
+    """A CIFAR pickle (written by Python 2: bytes keys) as a dict with str keys.
+
+    Unpickling runs code from the file: only load CIFAR files from a trusted source.
+    """
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def load_cifar(root, train: bool = True, num_classes: int = 10, dtype=torch.float32) -> ImageDataset:
+    """CIFAR-10 / CIFAR-100 from the distributed python-pickle batches.
+
+    ``root`` is the folder holding ``cifar-10-batches-py`` / ``cifar-100-python`` (torchvision's
+    root) or that batches folder itself. CIFAR-100 uses the 100 fine labels. Each batch holds
+    ``data`` (N, 3072) uint8 in (c, H, W) order and ``labels`` / ``fine_labels``; the meta file
+    gives the class names. Images come back (n, 3, 32, 32) in [0, 1].
+    """
+    if num_classes not in _CIFAR:
+        raise ValueError(f"num_classes must be 10 or 100, got {num_classes!r}")
+    layout = _CIFAR[num_classes]
+    folder = _find_dir(root, [layout.folder], [layout.meta])
+    meta_path = folder / layout.meta
+    names = _get(_decode(meta_path, _unpickle, "CIFAR meta pickle"), layout.names_key, meta_path)
+    images, labels = [], []
+    for name in layout.train if train else layout.test:
+        path = _existing(folder / name, f"CIFAR-{num_classes} batch")
+        batch = _decode(path, _unpickle, "CIFAR pickle")
+        data = np.asarray(_get(batch, "data", path))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{path}: 'data' must be an (N, 3072) uint8 array, got {data.dtype} {data.shape}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(_to_labels(_get(batch, layout.label_key, path), len(data), path, num_classes))
+    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    return ImageDataset(_to_images(np.concatenate(images), dtype), torch.cat(labels), classes)
+
+
+# ---------------------------------------------------------------------------- SVHN
+def load_svhn(root_or_file, split: str = "train", dtype=torch.float32) -> ImageDataset:
+    """SVHN cropped digits from ``{split}_32x32.mat`` (split: train, test or extra).
+
+    ``root_or_file`` is the .mat file itself (then ``split`` is not used) or its folder
+    (torchvision's root). The file holds X (32, 32, 3, N) uint8 and y (N, 1) with the digit 0
+    stored as label 10, mapped here to 0. Images come back (n, 3, 32, 32) in [0, 1].
+    """
+    from scipy.io import loadmat
+
+    if split not in ("train", "test", "extra"):
+        raise ValueError(f"SVHN split must be 'train', 'test' or 'extra', got {split!r}")
+    path = _existing(root_or_file, "SVHN file or folder")
+    if path.is_dir():
+        path = _existing(path / f"{split}_32x32.mat", "SVHN file")
+    mat = _decode(path, loadmat, "MATLAB (v5)")
+    X = _get(mat, "X", path)
+    if X.dtype != np.uint8 or X.ndim != 4 or X.shape[2] != 3:
+        raise ValueError(f"{path}: 'X' must be an (H, W, 3, N) uint8 array, got {X.dtype} {X.shape}")
+    y = _to_labels(_get(mat, "y", path), X.shape[3], path, num_classes=11)
+    return ImageDataset(_to_images(X.transpose(3, 2, 0, 1), dtype), y % 10, DIGITS)
+
+
+# ---------------------------------------------------------------------------- MNIST
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in ``.gz``."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        return f.read()
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (optionally gzipped) as an ndim-d uint8 array.
+
+    Header: magic 0x0000_08_ndim (2049 for labels, 2051 for images), then ndim big-endian
+    uint32 dimensions, then the data, row-major.
+    """
+    raw = _decode(path, _read_bytes, "IDX")
+    header, expected = 4 + 4 * ndim, 0x0800 | ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected:
+        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected} ({ndim}-d uint8 array)")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    if len(raw) - header != np.prod(dims):
+        raise ValueError(
+            f"{path}: IDX header dims {dims} need {np.prod(dims)} data bytes, found {len(raw) - header} "
+            "(truncated or corrupt file)"
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def load_mnist(root, train: bool = True, fashion: bool = False, dtype=torch.float32) -> ImageDataset:
+    """MNIST or Fashion-MNIST from the IDX files, gzipped (``.gz``) or not.
+
+    Files: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte`` (``t10k-…`` for the test
+    split), in ``root`` itself, ``root/raw`` or torchvision's ``root/MNIST/raw``
+    (``root/FashionMNIST/raw`` when ``fashion``). ``fashion`` also sets the class names.
+    Images come back (n, 1, 28, 28) in [0, 1].
+    """
+    prefix = "train" if train else "t10k"
+    image_name, label_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+    subdirs = ["raw", f"{'FashionMNIST' if fashion else 'MNIST'}/raw"]
+    folder = _find_dir(root, subdirs, [image_name, image_name + ".gz"])
+
+    def idx_path(name):
+        return folder / name if (folder / name).is_file() else _existing(folder / f"{name}.gz", "IDX file")
+
+    images = _read_idx(idx_path(image_name), 3)
+    label_path = idx_path(label_name)
+    labels = _to_labels(_read_idx(label_path, 1), len(images), label_path, num_classes=10)
+    return ImageDataset(_to_images(images[:, None], dtype), labels, FASHION_MNIST_CLASSES if fashion else DIGITS)
+
+
+# ---------------------------------------------------------------------------- npz
+def _read_npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _channel_axis_first(images: np.ndarray, layout: str, path: Path) -> np.ndarray:
+    """(N, H, W) grey, (N, H, W, C) or (N, C, H, W) → (N, C, H, W) (a view).
+
+    ``layout="auto"``: HWC when the last axis has size 1, 3 or 4 and the second is larger,
+    CHW when the second axis has size 1, 3 or 4, otherwise an error asking for ``layout``.
+    """
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim != 4:
+        raise ValueError(f"{path}: 'images' must be (N, H, W), (N, H, W, C) or (N, C, H, W), got {images.shape}")
+    if layout == "auto":
+        last, second = images.shape[3], images.shape[1]
+        if last in (1, 3, 4) and second > last:
+            layout = "hwc"
+        elif second in (1, 3, 4):
+            layout = "chw"
+        else:
+            raise ValueError(
+                f"{path}: cannot tell the channel axis of images {images.shape}; pass layout='hwc' or 'chw'"
+            )
+    return images.transpose(0, 3, 1, 2) if layout == "hwc" else images
+
+
+def load_npz(path, layout: str = "auto", dtype=torch.float32) -> ImageDataset:
+    """An .npz with ``images`` and ``labels`` (and optionally ``classes``, the class names).
+
+    ``images``: (N, H, W) grey, (N, H, W, C) ("hwc") or (N, C, H, W) ("chw"); ``layout="auto"``
+    takes HWC when the last axis has size 1, 3 or 4 and the second axis is larger, CHW when the
+    second axis has size 1, 3 or 4. uint8 images are scaled to [0, 1].
+    """
+    if layout not in ("auto", "hwc", "chw"):
+        raise ValueError(f"layout must be 'auto', 'hwc' or 'chw', got {layout!r}")
+    path = _existing(path, "npz file")
+    arrays = _decode(path, _read_npz, "npz")
+    images = _channel_axis_first(_get(arrays, "images", path), layout, path)
+    labels = _to_labels(_get(arrays, "labels", path), len(images), path)
+    classes = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays else None
+    return ImageDataset(_to_images(images, dtype), labels, classes)
+
+
+# ---------------------------------------------------------------------------- image folder
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("load_image_folder needs Pillow: `pip install pillow`") from None
+    return Image
+
+
+def _image_mode(path: Path) -> str:
+    with _pil().open(path) as im:
+        return im.mode
+
+
+def _image_array(path: Path, mode: str, size) -> np.ndarray:
+    """The image as an (H, W, C) uint8 array in ``mode``, resized to ``size`` = (H, W) if given."""
+    Image = _pil()
+    with Image.open(path) as im:
+        im = im.convert(mode)
+        if size is not None:
+            im = im.resize(size[::-1], Image.Resampling.BILINEAR)
+        return np.asarray(im).reshape(im.height, im.width, -1)
+
+
+def _image_size(size):
+    """None, an int or (H, W) → None or an (H, W) tuple of positive ints."""
+    if size is None:
+        return None
+    hw = (size, size) if isinstance(size, numbers.Integral) else tuple(size)
+    if len(hw) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in hw):
+        raise ValueError(f"size must be None, a positive int or (H, W), got {size!r}")
+    return hw
+
+
+def load_image_folder(root, size=None, dtype=torch.float32) -> ImageDataset:
+    """Images in one sub-folder per class (``root/<class>/<image>``, torchvision's ImageFolder).
+
+    Labels index the sorted class names. Images are read with Pillow, as grey (1 channel) when
+    every image is grey ("1" or "L" mode), as RGB otherwise, and resized (bilinear) to ``size``
+    (int or (H, W)) if given; without ``size`` they must all have the same size.
+    Returns images (n, c, H, W) in [0, 1] and the class names.
+    """
+    Image = _pil()
+    root = _existing(root, "image folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders")
+    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in extensions)
+        if not found:
+            raise ValueError(f"{root / name}: no image files in class folder {name!r}")
+        files += found
+        labels += [label] * len(found)
+    size = _image_size(size)
+    grey = all(_decode(p, _image_mode, "image") in ("1", "L") for p in files)
+    arrays = [_decode(p, lambda q: _image_array(q, "L" if grey else "RGB", size), "image") for p in files]
+    for path, a in zip(files, arrays):
+        if a.shape != arrays[0].shape:
+            raise ValueError(f"{path}: size {a.shape[:2]} differs from {arrays[0].shape[:2]} of {files[0]}; pass size=")
+    images = np.stack(arrays).transpose(0, 3, 1, 2)
+    return ImageDataset(_to_images(images, dtype), torch.tensor(labels, dtype=torch.int64), tuple(classes))
+
+
+# ---------------------------------------------------------------------------- dispatcher
+def _is_train(split: str) -> bool:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return split == "train"
+
+
+def load_dataset(name: str, path, split: str = "train", **options) -> ImageDataset:
+    """Load a dataset by name: cifar10, cifar100, svhn, mnist, fashion-mnist, npz or folder.
+
+    ``path`` is the dataset root (torchvision's root works), or for "npz" / "folder" the file /
+    folder of the wanted split, ``split`` then not being used. ``options`` go to the loader
+    (``dtype``; ``layout`` for npz; ``size`` for folder). uint8 images are scaled to [0, 1].
+    """
+    key = name.lower().replace("_", "-")
+    if key in ("cifar10", "cifar100"):
+        return load_cifar(path, _is_train(split), int(key[5:]), **options)
+    if key == "svhn":
+        return load_svhn(path, split, **options)
+    if key in ("mnist", "fashion-mnist"):
+        return load_mnist(path, _is_train(split), key == "fashion-mnist", **options)
+    if key == "npz":
+        return load_npz(path, **options)
+    if key == "folder":
+        return load_image_folder(path, **options)
+    raise ValueError(f"unknown dataset {name!r}: choose cifar10, cifar100, svhn, mnist, fashion-mnist, npz, folder")
+
+
+# ---------------------------------------------------------------------------- preprocessing
+def zca_whitening(x: torch.Tensor, eps: float, rows_per_chunk: int = 4096):
+    r"""ZCA whitening of the rows of x (n, D): returns (μ, W) for x ↦ (x − μ) W.
+
+    .. math::  C = \tfrac1n \sum_i (x_i − μ)(x_i − μ)^T = U Λ U^T, \qquad
+               W = U (Λ + ε\,\bar λ\, I)^{-1/2} U^T, \quad \bar λ = \operatorname{tr}(C) / D
+
+    The ridge is relative to the mean eigenvalue λ̄, so ``eps`` is scale-free: small ``eps``
+    whitens fully (covariance → I), larger ``eps`` damps the low-variance (noisy) directions.
+    C is accumulated in float64 over row chunks (no float64 copy of x) and diagonalised with
+    ``torch.linalg.eigh``; μ and W are float64.
+    """
+    n = x.shape[0]
+    mean = sum(chunk.double().sum(0) for chunk in x.split(rows_per_chunk)) / n
+    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for chunk in x.split(rows_per_chunk):
+        centred = chunk.double() - mean
+        cov.addmm_(centred.T, centred)
+    evals, evecs = torch.linalg.eigh(cov / n)
+    evals = evals.clamp_min(0)
+    return mean, (evecs * (evals + eps * evals.mean()).rsqrt()) @ evecs.T
+
+
+class Preprocessor:
+    r"""Train-fitted image preprocessing: scale, per-channel standardisation, ZCA whitening.
+
+    Applied in that order by :meth:`transform`:
+
+    * ``scale``: uint8 input is divided by 255 (other dtypes are left as they are);
+    * ``standardize``: x_c ↦ (x_c − m_c) / s_c with the mean m_c and standard deviation s_c of
+      channel c over the training images and pixels (a constant channel is only centred);
+    * ``zca``: full-image ZCA, x ↦ (x − μ) W on the flattened c·H·W vectors, with
+      W = U (Λ + ε λ̄ I)^{-1/2} Uᵀ from the training covariance, ε = ``zca_eps`` relative to the
+      mean eigenvalue λ̄ (see :func:`zca_whitening`); W is a D×D matrix, D = c·H·W.
+
+    Input: (n, c, H, W) tensors or numpy arrays; output: float tensors (integer input becomes
+    float32). :meth:`state_dict` holds plain tensors / numbers for ``torch.save``.
+    """
+
+    def __init__(self, scale: bool = True, standardize: bool = True, zca: bool = False, zca_eps: float = 0.1):
+        if not zca_eps > 0:
+            raise ValueError(f"zca_eps must be positive, got {zca_eps!r}")
+        self.scale, self.standardize, self.zca, self.zca_eps = bool(scale), bool(standardize), bool(zca), float(zca_eps)
+        self.shape = self.mean = self.std = self.zca_mean = self.zca_matrix = None
+
+    def _scaled(self, images) -> torch.Tensor:
+        x = torch.as_tensor(images)
+        if x.ndim != 4:
+            raise ValueError(f"images must be (n, c, H, W), got shape {tuple(x.shape)}")
+        if x.is_floating_point():
+            return x
+        return x / 255 if self.scale and x.dtype == torch.uint8 else x.to(torch.float32)
+
+    def _standardized(self, x: torch.Tensor) -> torch.Tensor:
+        view = (1, -1, 1, 1)
+        return (x - self.mean.to(x.dtype).view(view)) / self.std.to(x.dtype).view(view)
+
+    def fit(self, images) -> "Preprocessor":
+        """Compute the statistics of the training images (n, c, H, W)."""
+        x = self._scaled(images)
+        self.shape = tuple(x.shape[1:])
+        if self.standardize:
+            std, mean = torch.std_mean(x, dim=(0, 2, 3), correction=0)
+            self.mean, self.std = mean, torch.where(std > 0, std, torch.ones_like(std))
+            x = self._standardized(x)
+        if self.zca:
+            self.zca_mean, self.zca_matrix = zca_whitening(x.reshape(len(x), -1), self.zca_eps)
+        return self
+
+    def transform(self, images) -> torch.Tensor:
+        """Apply the fitted preprocessing to images of the training shape (c, H, W)."""
+        if self.shape is None:
+            raise RuntimeError("Preprocessor is not fitted: call fit() on the training images first")
+        x = self._scaled(images)
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"images have shape (c, H, W) = {tuple(x.shape[1:])}, fitted on {self.shape}")
+        if self.standardize:
+            x = self._standardized(x)
+        if self.zca:
+            flat = (x.reshape(len(x), -1) - self.zca_mean.to(x.dtype)) @ self.zca_matrix.to(x.dtype)
+            x = flat.reshape(x.shape)
+        return x
+
+    def fit_transform(self, images) -> torch.Tensor:
+        return self.fit(images).transform(images)
+
+    _STATE_KEYS = ("scale", "standardize", "zca", "zca_eps", "shape", "mean", "std", "zca_mean", "zca_matrix")
+
+    def state_dict(self) -> dict:
+        """Settings and fitted statistics (tensors, numbers, None) for ``torch.save``."""
+        state = {k: getattr(self, k) for k in self._STATE_KEYS}
+        state["shape"] = None if self.shape is None else list(self.shape)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Preprocessor":
+        """Rebuild a Preprocessor from :meth:`state_dict` output."""
+        missing = [k for k in cls._STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"Preprocessor state dict lacks keys {missing}")
+        pre = cls(state["scale"], state["standardize"], state["zca"], state["zca_eps"])
+        pre.mean, pre.std, pre.zca_mean, pre.zca_matrix = (state[k] for k in cls._STATE_KEYS[5:])
+        pre.shape = None if state["shape"] is None else tuple(state["shape"])
+        return pre
+
+
+# ---------------------------------------------------------------------------- synthetic task
+def _plus(size: int) -> np.ndarray:
+    """'+' of the middle row and column (2·size − 1 ones)."""
+    p = np.zeros((size, size))
+    p[size // 2, :] = p[:, size // 2] = 1
+    return p
+
+
+def _cross(size: int) -> np.ndarray:
+    """'×' of the two diagonals (2·size − 1 ones, as many as the plus)."""
+    return np.maximum(np.eye(size), np.fliplr(np.eye(size)))
+
+
+def make_local_signal(
+    n: int,
+    image_size: int = 16,
+    pattern_size: int = 5,
+    noise: float = 0.7,
+    kind: str = "plus_vs_cross",
+    channels: int = 1,
+    random_state=None,
+    dtype=torch.float32,
+):
+    r"""Noise images whose label is set by a small pattern at a uniformly random location.
+
+    .. math::  x = A\,P_y(\text{at } (i, j)) + σ ε, \qquad ε_{c,h,w} \sim \mathcal N(0, 1),
+
+    with amplitude A = 1 and σ = ``noise``; the pattern (``pattern_size``, odd) is added to every
+    channel, (i, j) is uniform over the valid top-left corners. ``kind``:
+
+    * ``"plus_vs_cross"``: label 0 has a plus '+' (middle row and column), label 1 a cross '×'
+      (both diagonals); both have 2·pattern_size − 1 pixels, so the same energy;
+    * ``"present_vs_absent"``: label 1 has a plus, label 0 is pure noise.
+
+    Classes are balanced (n // 2 and n − n // 2) in random order. With the default σ = 0.7 a
+    5×5 template's per-pixel SNR is low enough that kernels averaging over patch locations
+    struggle, while the best matched filter still separates the classes.
+    ``random_state``: None, an int seed or a ``numpy.random.Generator``.
+    Returns images (n, channels, image_size, image_size) of ``dtype`` and labels (n,) int64.
+    """
+    if kind not in ("plus_vs_cross", "present_vs_absent"):
+        raise ValueError(f"kind must be 'plus_vs_cross' or 'present_vs_absent', got {kind!r}")
+    if not (pattern_size >= 3 and pattern_size % 2 == 1 and image_size >= pattern_size):
+        raise ValueError(f"need odd pattern_size >= 3 and image_size >= pattern_size, got {pattern_size}, {image_size}")
+    if n < 1 or channels < 1 or not noise >= 0:
+        raise ValueError(f"need n >= 1, channels >= 1 and noise >= 0, got {n}, {channels}, {noise}")
+    rng = np.random.default_rng(random_state)
+    labels = rng.permutation(np.arange(n) % 2)
+    plus = _plus(pattern_size)
+    if kind == "plus_vs_cross":
+        patterns = np.where(labels[:, None, None] == 0, plus, _cross(pattern_size))
+    else:
+        patterns = np.where(labels[:, None, None] == 1, plus, 0.0)
+    images = noise * rng.standard_normal((n, channels, image_size, image_size))
+    top, left = rng.integers(0, image_size - pattern_size + 1, size=(2, n))
+    offsets = np.arange(pattern_size)
+    rows = (top[:, None] + offsets)[:, None, :, None]
+    cols = (left[:, None] + offsets)[:, None, None, :]
+    images[np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None], rows, cols] += patterns[:, None]
+    return torch.from_numpy(images).to(dtype), torch.from_numpy(labels.astype(np.int64))
+
+
+# ---------------------------------------------------------------------------- splits
+def train_val_split(n: int, val_size, random_state=None, labels=None):
+    """Random (train, validation) index tensors (int64, sorted) partitioning range(n).
+
+    ``val_size``: a count (int) or a fraction in (0, 1) (rounded). With ``labels`` the split is
+    stratified: each class gives its proportional share of the validation set (largest
+    remainders rounded up, so the total is exact).
+    """
+    if isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool):
+        n_val = int(val_size)
+    elif isinstance(val_size, numbers.Real) and 0 < val_size < 1:
+        n_val = round(val_size * n)
+    else:
+        raise ValueError(f"val_size must be an int or a fraction in (0, 1), got {val_size!r}")
+    if not 0 < n_val < n:
+        raise ValueError(f"the validation set must have between 1 and n - 1 = {n - 1} items, got {n_val}")
+    rng = np.random.default_rng(random_state)
+    perm = rng.permutation(n)
+    if labels is None:
+        val = perm[:n_val]
+    else:
+        y = np.asarray(labels).reshape(-1)
+        if y.size != n:
+            raise ValueError(f"labels must have n = {n} entries, got {y.size}")
+        _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+        exact = counts * n_val / n
+        quota = np.floor(exact).astype(np.int64)
+        quota[np.argsort(quota - exact, kind="stable")[: n_val - quota.sum()]] += 1
+        val = np.concatenate([perm[inverse[perm] == c][:q] for c, q in enumerate(quota)])
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val] = True
+    return tuple(torch.from_numpy(np.flatnonzero(mask).astype(np.int64)) for mask in (~is_val, is_val))
