@@ -40,7 +40,7 @@ def main(argv=None):
         seconds = time.perf_counter() - tic
         print(f"{name:22s} held-out accuracy {model.score(X_test, y_test):.4f}  "
               f"(best iteration {model.best_iteration_}, fit {seconds:.1f} s)")
-    fc.plot_filters(model.M_, model.image_shape_, model.patch_size, k=8, path=args.out,
+    fc.plot_filters(model.metrics_[-1], model.image_shape_, model.patch_size, k=8, path=args.out,
                     title="digits: top eigenvectors of the learned M")
     print(f"filters written to {args.out}")
 

@@ -59,9 +59,9 @@ class KernelOptions:
     max_gpu_mem: float = math.inf
 
 
-def default_options():
-    """FalkonOptions when Falkon is installed, else :class:`KernelOptions`."""
-    return OptionsBase() if HAS_FALKON else KernelOptions()
+def make_options(**fields):
+    """``falkon.FalkonOptions(**fields)`` when Falkon is installed, else :class:`KernelOptions`."""
+    return OptionsBase(**fields) if HAS_FALKON else KernelOptions(**fields)
 
 
 def merge_options(base, opt):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._compat import HAS_FALKON, FalkonKernelBase, default_options, keops_available
+from ._compat import HAS_FALKON, FalkonKernelBase, make_options, keops_available
 from ._standalone import StandaloneKernel
 from .metric import as_metric, metric_factor
 from .ops import BASE_KERNELS, conv_kernel_diag, conv_kernel_matrix, keops_conv_mmv
@@ -87,7 +87,7 @@ class ConvMahalanobisKernel(_KernelBase):
         weights=None,
         opt=None,
     ):
-        super().__init__("ConvMahalanobis", opt if opt is not None else default_options())
+        super().__init__("ConvMahalanobis", opt if opt is not None else make_options())
         if kernel not in BASE_KERNELS:
             raise ValueError(f"Unknown base kernel {kernel!r}; choose one of {BASE_KERNELS}")
         if kernel != "ntk" and not (isinstance(sigma, (int, float)) and np.isfinite(sigma) and sigma > 0):

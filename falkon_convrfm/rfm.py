@@ -15,14 +15,14 @@ import torch
 from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from ._compat import HAS_FALKON, default_options, resolve_device
+from ._compat import HAS_FALKON, require_falkon, resolve_device
 from ._inputs import encode_labels, image_rows, resolve_dtype, resolve_task, split_indices
 from .agop import patch_agop
 from .kernel import ConvMahalanobisKernel
 from .metric import fixed_metric, spectrum_summary, update_metric
 from .ops import BASE_KERNELS
 from .patches import PatchGeometry
-from .solvers import falkon_options, fit_kernel_machine
+from .solvers import fit_kernel_machine, solver_options
 
 CHECKPOINT_NAME = "convrfm_checkpoint.pt"
 
@@ -95,6 +95,7 @@ class ConvRFM(BaseEstimator):
     M_ : the best metric (by validation score).  weights_ : its location weights.
     kernel_ : the fitted :class:`ConvMahalanobisKernel`.  centres_, alpha_ : the predictor.
     history_ : list of per-iteration dicts (metrics, spectrum, timings).
+    metrics_ : the metric M of every iteration (``metrics_[0]`` is the fixed one).
     best_iteration_, classes_, image_shape_, task_, sigma_, penalty_.
     """
 
@@ -185,23 +186,21 @@ class ConvRFM(BaseEstimator):
             raise ValueError(f"solver must be 'auto', 'falkon' or 'exact', got {self.solver!r}")
         if self.loss not in ("squared", "logistic"):
             raise ValueError(f"loss must be 'squared' or 'logistic', got {self.loss!r}")
-        if self.solver == "falkon" and not HAS_FALKON:
-            from ._compat import require_falkon
-
+        if self.solver == "falkon":
             require_falkon()
         resolve_dtype(self.dtype)
         resolve_device(self.device)
 
     # ------------------------------------------------------------------ building blocks
     def _make_kernel(self, M, weights, sigma, image_shape):
-        opt = falkon_options(self.max_memory, self.device) if HAS_FALKON else default_options()
+        opt = solver_options(self.max_memory, self.device)
         return ConvMahalanobisKernel(
             M, image_shape, self.patch_size, self.stride, self.padding, self.kernel, sigma, weights, opt
         )
 
     def _solve(self, kernel, X, Y, centre_idx, penalty):
         solver = self.solver if self.solver != "auto" else ("falkon" if HAS_FALKON else "exact")
-        options = falkon_options(self.max_memory, self.device) if solver == "falkon" else None
+        options = solver_options(self.max_memory, self.device) if solver == "falkon" else None
         return fit_kernel_machine(kernel, X, Y, centre_idx, penalty, solver, self.loss, self.maxiter, options)
 
     def _score_key(self):
@@ -265,10 +264,11 @@ class ConvRFM(BaseEstimator):
         fingerprint = _fingerprint(Xtr, Ytr, Xval)
         state = self._load_checkpoint(fingerprint)
         if state is not None:
-            start, M, weights, best, self.history_ = state["next"], state["M"], state["weights"], state["best"], state["history"]
+            start, M, weights, best = state["next"], state["M"], state["weights"], state["best"]
+            self.history_, self.metrics_ = state["history"], state["metrics"]
             self.sigma_, self.penalty_, self.tuning_ = state["sigma"], state["penalty"], state["tuning"]
         else:
-            start, best, self.history_ = 0, None, []
+            start, best, self.history_, self.metrics_ = 0, None, [], []
             if self.tune and Xval.shape[0] > 0:
                 self.sigma_, self.penalty_ = self._tune((Xtr, Ytr, Xval, Yval, centre_idx), image_shape, M)
 
@@ -288,6 +288,7 @@ class ConvRFM(BaseEstimator):
                 record.update({"val_" + k: v for k, v in evaluate(self.task_, kernel.mmv(Xval, centres, alpha), Yval).items()})
             record["time_eval"] = time.perf_counter() - tic
             record["spectrum"] = spectrum_summary(M)
+            self.metrics_.append(M)
             score = record.get("val_" + key, -np.inf if Xval.shape[0] else t)
             if best is None or score > best["score"]:
                 best = {"score": score, "iteration": t, "M": M, "weights": weights, "centres": centres.cpu(), "alpha": alpha.cpu()}
@@ -327,7 +328,7 @@ class ConvRFM(BaseEstimator):
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         state = {
             "fingerprint": fingerprint, "params": self._checkpoint_params(), "next": next_iteration,
-            "M": M, "weights": weights, "best": best, "history": self.history_,
+            "M": M, "weights": weights, "best": best, "history": self.history_, "metrics": self.metrics_,
             "sigma": self.sigma_, "penalty": self.penalty_, "tuning": self.tuning_,
         }
         torch.save(state, path + ".tmp")
@@ -376,7 +377,7 @@ class ConvRFM(BaseEstimator):
         return 1 - ((pred - y) ** 2).sum().item() / ((y - y.mean(0)) ** 2).sum().item()
 
     # ------------------------------------------------------------------ persistence
-    _FITTED = ("M_", "weights_", "centres_", "alpha_", "history_", "best_iteration_", "classes_",
+    _FITTED = ("M_", "weights_", "centres_", "alpha_", "history_", "metrics_", "best_iteration_", "classes_",
                "image_shape_", "task_", "sigma_", "penalty_", "tuning_")
 
     def save(self, path) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ._compat import HAS_FALKON, make_options, require_falkon
+
 
 def exact_ridge_fit(kernel, X: torch.Tensor, Y: torch.Tensor, penalty: float) -> torch.Tensor:
     """α = (K + nλI)⁻¹ Y with K = kernel(X, X), by Cholesky in float64.
@@ -27,18 +29,19 @@ def kernel_predict(kernel, X: torch.Tensor, centres: torch.Tensor, alpha: torch.
     return kernel.mmv(X, centres, alpha)
 
 
-def falkon_options(max_memory=None, device: str = "cpu", **overrides):
-    """FalkonOptions for this package's kernel: memory budget on both devices, and K_nm stored
-    whenever it fits (``store_kernel_d_threshold=0``): a convolutional kernel costs P·r per
-    entry whatever the row length, so re-evaluating it at every CG iteration never pays."""
-    from ._compat import require_falkon
-
-    falkon = require_falkon()
-    opts = dict(store_kernel_d_threshold=0, use_cpu=(device == "cpu"), keops_active="auto")
+def solver_options(max_memory=None, device: str = "cpu", **overrides):
+    """Options for the kernel and the solver: ``falkon.FalkonOptions`` (or
+    :class:`~falkon_convrfm.KernelOptions` without Falkon) with the memory budget on both
+    devices and K_nm stored whenever it fits (``store_kernel_d_threshold=0``): a convolutional
+    kernel costs P·r per entry whatever the row length, so re-evaluating it at every CG
+    iteration never pays."""
+    opts = {}
     if max_memory is not None:
         opts.update(max_cpu_mem=float(max_memory), max_gpu_mem=float(max_memory))
+    if HAS_FALKON:
+        opts.update(store_kernel_d_threshold=0, use_cpu=(device == "cpu"))
     opts.update(overrides)
-    return falkon.FalkonOptions(**opts)
+    return make_options(**opts)
 
 
 def fit_kernel_machine(
@@ -62,8 +65,6 @@ def fit_kernel_machine(
         if loss != "squared":
             raise ValueError("the exact solver supports the squared loss only; use solver='falkon'")
         return X, exact_ridge_fit(kernel, X, Y, penalty)
-    from ._compat import require_falkon
-
     falkon = require_falkon()
     centres = X[centre_idx]
     selector = falkon.center_selection.FixedSelector(centres)
@@ -74,7 +75,8 @@ def fit_kernel_machine(
             M=len(centre_idx), center_selection=selector, options=options,
         )
     else:
-        model = falkon.Falkon(
+        model_cls = falkon.InCoreFalkon if X.is_cuda else falkon.Falkon  # data on the GPU: in-core
+        model = model_cls(
             kernel, penalty, M=len(centre_idx), center_selection=selector, maxiter=maxiter, options=options
         )
     model.fit(X, Y)
