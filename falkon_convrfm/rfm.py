@@ -21,6 +21,7 @@ from .agop import patch_agop
 from .kernel import ConvMahalanobisKernel
 from .metric import fixed_metric, spectrum_summary, update_metric
 from .ops import BASE_KERNELS
+from .ops.dense import median_patch_distance
 from .patches import PatchGeometry
 from .solvers import fit_kernel_machine, solver_options
 
@@ -60,7 +61,8 @@ class ConvRFM(BaseEstimator):
         Needed only when ``fit`` gets flat rows; inferred from 4-D / 3-D image input.
     patch_size, stride, padding : patch geometry of the kernel.
     kernel : ``"laplace"`` (default), ``"gaussian"`` or ``"ntk"``.
-    sigma : bandwidth. The default 1.0 suits per-channel standardised pixels with trace-normalised
+    sigma : bandwidth, or ``"median"`` for the median aligned-patch distance in the iteration-0
+        metric (measured on training rows; the grid of ``tune`` multiplies it). The default 1.0 suits per-channel standardised pixels with trace-normalised
         M (tr M = d, so ‖u − v‖_M is on the scale of the Euclidean patch distance); for pixels in
         [0, 1] a smaller σ (≈ 0.3–0.5 for 3×3×3 patches) is the analogue. ``tune=True`` picks it.
     penalty : ridge λ (Falkon's convention, multiplied by n).
@@ -170,7 +172,9 @@ class ConvRFM(BaseEstimator):
 
         if self.kernel not in BASE_KERNELS:
             raise ValueError(f"Unknown base kernel {self.kernel!r}; choose one of {BASE_KERNELS}")
-        for name in ("sigma", "penalty", "agop_power"):
+        if self.sigma != "median" and not (isinstance(self.sigma, (int, float)) and np.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be a positive number or 'median', got {self.sigma!r}")
+        for name in ("penalty", "agop_power"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
@@ -203,13 +207,21 @@ class ConvRFM(BaseEstimator):
         options = solver_options(self.max_memory, self.device) if solver == "falkon" else None
         return fit_kernel_machine(kernel, X, Y, centre_idx, penalty, solver, self.loss, self.maxiter, options)
 
+    def _initial_sigma(self, Xtr, M, image_shape, gen) -> float:
+        """``sigma``, or with ``sigma='median'`` the median aligned-patch distance in the
+        iteration-0 metric over (up to) 512 random training rows."""
+        if self.sigma != "median":
+            return float(self.sigma)
+        rows = Xtr[torch.randperm(Xtr.shape[0], generator=gen)[:512].to(Xtr.device)]
+        return median_patch_distance(self._make_kernel(M, None, 1.0, image_shape).transform(rows))
+
     def _score_key(self):
         return "accuracy" if self.task_ == "classification" else "r2"
 
     def _tune(self, data, image_shape, M):
         """(σ, λ) with the best validation score at the fixed metric, from the grids."""
         Xtr, Ytr, Xval, Yval, centre_idx = data
-        sigmas = [self.sigma] if self.kernel == "ntk" else [self.sigma * f for f in self.sigma_grid]
+        sigmas = [self.sigma_] if self.kernel == "ntk" else [self.sigma_ * f for f in self.sigma_grid]
         best = None
         for sigma in sigmas:
             kernel = self._make_kernel(M, None, sigma, image_shape)
@@ -260,7 +272,7 @@ class ConvRFM(BaseEstimator):
         self.classes_, self.image_shape_ = classes, image_shape
         d = PatchGeometry(image_shape, self.patch_size).patch_dim
         M, weights = fixed_metric(d, self.dc_weight), None
-        self.sigma_, self.penalty_, self.tuning_ = float(self.sigma), float(self.penalty), []
+        self.sigma_, self.penalty_, self.tuning_ = self._initial_sigma(Xtr, M, image_shape, gen), float(self.penalty), []
         fingerprint = _fingerprint(Xtr, Ytr, Xval)
         state = self._load_checkpoint(fingerprint)
         if state is not None:

@@ -61,6 +61,14 @@ def patch_kernel_pairs(U: torch.Tensor, V: torch.Tensor, kind: str, sigma: float
     return torch.exp(-sqdist / (2 * sigma**2))
 
 
+def median_patch_distance(T: torch.Tensor) -> float:
+    """Median distance between aligned patches of different rows, ‖T[p, i] − T[p, j]‖ for
+    consecutive rows i, j = i + 1 at every location (the bandwidth heuristic)."""
+    if T.shape[1] < 2:
+        raise ValueError("the median heuristic needs at least two rows")
+    return torch.linalg.vector_norm(T[:, 1:] - T[:, :-1], dim=-1).median().item()
+
+
 def conv_kernel_diag(T1: torch.Tensor, T2: torch.Tensor, kind: str, sigma: float, weights: torch.Tensor):
     """diag K(X1, X2): Σ_p ω_p κ(T1[p, i], T2[p, i]), shape (n,)."""
     return weights @ patch_kernel_pairs(T1, T2, kind, sigma)
