@@ -403,7 +403,7 @@ def zca_whitening(x: torch.Tensor, eps: float, rows_per_chunk: int = 4096):
     """
     n = x.shape[0]
     mean = sum(chunk.double().sum(0) for chunk in x.split(rows_per_chunk)) / n
-    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
     for chunk in x.split(rows_per_chunk):
         centred = chunk.double() - mean
         cov.addmm_(centred.T, centred)
@@ -424,8 +424,9 @@ class Preprocessor:
       W = U (Λ + ε λ̄ I)^{-1/2} Uᵀ from the training covariance, ε = ``zca_eps`` relative to the
       mean eigenvalue λ̄ (see :func:`zca_whitening`); W is a D×D matrix, D = c·H·W.
 
-    Input: (n, c, H, W) tensors or numpy arrays; output: float tensors (integer input becomes
-    float32). :meth:`state_dict` holds plain tensors / numbers for ``torch.save``.
+    Input: (n, c, H, W) tensors or numpy arrays; output: float tensors of the input's dtype and
+    device (integer input becomes float32). :meth:`state_dict` holds plain tensors / numbers
+    for ``torch.save``.
     """
 
     def __init__(self, scale: bool = True, standardize: bool = True, zca: bool = False, zca_eps: float = 0.1):
@@ -444,7 +445,7 @@ class Preprocessor:
 
     def _standardized(self, x: torch.Tensor) -> torch.Tensor:
         view = (1, -1, 1, 1)
-        return (x - self.mean.to(x.dtype).view(view)) / self.std.to(x.dtype).view(view)
+        return (x - self.mean.to(x).view(view)) / self.std.to(x).view(view)
 
     def fit(self, images) -> "Preprocessor":
         """Compute the statistics of the training images (n, c, H, W)."""
@@ -468,7 +469,7 @@ class Preprocessor:
         if self.standardize:
             x = self._standardized(x)
         if self.zca:
-            flat = (x.reshape(len(x), -1) - self.zca_mean.to(x.dtype)) @ self.zca_matrix.to(x.dtype)
+            flat = (x.reshape(len(x), -1) - self.zca_mean.to(x)) @ self.zca_matrix.to(x)
             x = flat.reshape(x.shape)
         return x
 
