@@ -19,8 +19,8 @@ def image_rows(X, image_shape=None, channels_last: bool = False, dtype=torch.flo
     """Images → (rows (n, c·H·W), image_shape).
 
     Accepts (n, c, H, W), (n, H, W, c) with ``channels_last``, (n, H, W) grey images, or flat
-    rows (n, c·H·W) when ``image_shape`` is given; torch tensors or numpy arrays. uint8 data is
-    taken as is (scale it beforehand if wanted). Raises ValueError on shape mismatch, NaN/Inf or
+    rows (n, c·H·W) when ``image_shape`` is given; torch tensors or numpy arrays. uint8 images
+    are scaled to [0, 1]. Raises ValueError on shape mismatch, NaN/Inf or
     empty data.
     """
     X = as_tensor(X, name)
@@ -45,7 +45,8 @@ def image_rows(X, image_shape=None, channels_last: bool = False, dtype=torch.flo
         raise ValueError(f"{name} must be images (n, c, H, W) / (n, H, W, c) or rows (n, D), got shape {tuple(X.shape)}")
     if X.shape[0] == 0:
         raise ValueError(f"{name} is empty (0 images)")
-    rows = X.reshape(X.shape[0], -1).to(dtype).contiguous()
+    rows = X.reshape(X.shape[0], -1).to(dtype)
+    rows = (rows / 255 if X.dtype == torch.uint8 else rows).contiguous()
     check_finite(rows, name)
     return rows, tuple(int(s) for s in image_shape)
 
@@ -104,3 +105,25 @@ def split_indices(n: int, fraction: float, generator: torch.Generator, codes=Non
     mask = torch.ones(n, dtype=torch.bool)
     mask[val] = False
     return torch.nonzero(mask).flatten(), val
+
+
+PREPROCESSING = (None, "standardize", "zca")
+
+
+def make_preprocessor(preprocess):
+    """A :class:`~falkon_convrfm.datasets.Preprocessor` for ``preprocess`` (None: no transform):
+    ``"standardize"`` (per-channel) or ``"zca"`` (standardise, then ZCA over whole images)."""
+    if preprocess not in PREPROCESSING:
+        raise ValueError(f"preprocess must be one of {PREPROCESSING}, got {preprocess!r}")
+    if preprocess is None:
+        return None
+    from .datasets import Preprocessor
+
+    return Preprocessor(scale=False, standardize=True, zca=preprocess == "zca")
+
+
+def preprocess_rows(prep, rows: torch.Tensor, image_shape) -> torch.Tensor:
+    """Apply a fitted preprocessor to image rows (identity when ``prep`` is None)."""
+    if prep is None or rows.shape[0] == 0:
+        return rows
+    return prep.transform(rows.reshape(-1, *image_shape)).reshape(rows.shape[0], -1).to(rows.dtype).contiguous()

@@ -24,7 +24,15 @@ from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
 from ._compat import resolve_device
-from ._inputs import encode_labels, image_rows, resolve_dtype, resolve_task, split_indices
+from ._inputs import (
+    encode_labels,
+    image_rows,
+    make_preprocessor,
+    preprocess_rows,
+    resolve_dtype,
+    resolve_task,
+    split_indices,
+)
 from .memory import peak_rss
 from .metric import psd_power
 from .patches import PatchGeometry
@@ -101,8 +109,9 @@ class DeepConvRFM(BaseEstimator):
     layers : sequence of :class:`LayerSpec` (or dicts of its fields), one per feature map.
     final : dict of :class:`ConvRFM` parameters for the classifier on the last maps (patch
         geometry, kernel, sigma, iterations, ...). Shared settings below fill in the rest.
-    penalty, n_centres, solver, maxiter, validation_fraction, dtype, device, max_memory,
-    random_state, progress, channels_last : as in :class:`ConvRFM`, for every layer.
+    penalty, n_centres, solver, maxiter, validation_fraction, preprocess, dtype, device,
+    max_memory, random_state, progress, channels_last : as in :class:`ConvRFM` (preprocessing
+    is applied once, to the input images).
     checkpoint_dir : state is saved after every layer (and inside each layer's ConvRFM), so an
         interrupted fit resumes at the layer and iteration where it stopped.
 
@@ -122,6 +131,7 @@ class DeepConvRFM(BaseEstimator):
         solver="auto",
         maxiter=20,
         validation_fraction=0.1,
+        preprocess=None,
         dtype="float32",
         device="cpu",
         max_memory=None,
@@ -131,6 +141,7 @@ class DeepConvRFM(BaseEstimator):
         progress=True,
     ):
         self.layers = layers
+        self.preprocess = preprocess
         self.final = final
         self.penalty = penalty
         self.n_centres = n_centres
@@ -188,6 +199,10 @@ class DeepConvRFM(BaseEstimator):
         resolve_device(self.device)
         Xtr, ytr, Xval, yval, shape = self._split(X, y, X_val, y_val)
         self.image_shape_ = shape
+        self.preprocessor_ = make_preprocessor(self.preprocess)
+        if self.preprocessor_ is not None:
+            self.preprocessor_.fit(Xtr.reshape(-1, *shape))
+            Xtr, Xval = (preprocess_rows(self.preprocessor_, t, shape) for t in (Xtr, Xval))
         gen = torch.Generator().manual_seed(int(self.random_state or 0))
         self.filters_, self.metrics_, self.history_, self.feature_shapes_ = [], [], [], [shape]
         fingerprint = hashlib.sha1(str((Xtr.shape, float(Xtr[:100].sum()), repr(specs))).encode()).hexdigest()
@@ -247,6 +262,7 @@ class DeepConvRFM(BaseEstimator):
         if not hasattr(self, "final_"):
             raise RuntimeError("This DeepConvRFM is not fitted yet: call fit(X, y) first")
         rows, shape = image_rows(X, self.image_shape_, self.channels_last, resolve_dtype(self.dtype))
+        rows = preprocess_rows(self.preprocessor_, rows, shape)
         for spec, filters in list(zip(self._specs(), self.filters_))[:depth]:
             rows, shape = map_rows(rows, shape, filters, spec, self.max_memory)
         return rows
@@ -265,7 +281,7 @@ class DeepConvRFM(BaseEstimator):
         final = {k: getattr(self.final_, k) for k in ConvRFM._FITTED}
         torch.save({"class": type(self).__name__, "params": self.get_params(), "filters": self.filters_,
                     "metrics": self.metrics_, "history": self.history_, "image_shape": self.image_shape_,
-                    "feature_shapes": self.feature_shapes_, "final_params": self.final_.get_params(),
+                    "feature_shapes": self.feature_shapes_, "preprocessor": self.preprocessor_, "final_params": self.final_.get_params(),
                     "final": final}, path)
 
     @classmethod
@@ -276,6 +292,7 @@ class DeepConvRFM(BaseEstimator):
         model = cls(**state["params"])
         model.filters_, model.metrics_, model.history_ = state["filters"], state["metrics"], state["history"]
         model.image_shape_, model.feature_shapes_ = state["image_shape"], state["feature_shapes"]
+        model.preprocessor_ = state["preprocessor"]
         model.final_ = ConvRFM(**state["final_params"])
         for k, v in state["final"].items():
             setattr(model.final_, k, v)
@@ -294,7 +311,7 @@ class DeepRFM(DeepConvRFM):
 
     def __init__(self, widths=(256,), kernel="laplace", sigma="median", iterations=1, agop_samples=2000,
                  nonlinearity="relu", penalty=1e-6, n_centres=2000, solver="auto", maxiter=20,
-                 validation_fraction=0.1, dtype="float32", device="cpu", max_memory=None, random_state=None,
+                 validation_fraction=0.1, preprocess=None, dtype="float32", device="cpu", max_memory=None, random_state=None,
                  checkpoint_dir=None, progress=True):
         self.widths = widths
         self.kernel = kernel
@@ -304,7 +321,7 @@ class DeepRFM(DeepConvRFM):
         self.nonlinearity = nonlinearity
         super().__init__(
             layers=None, final=None, penalty=penalty, n_centres=n_centres, solver=solver, maxiter=maxiter,
-            validation_fraction=validation_fraction, dtype=dtype, device=device, max_memory=max_memory,
+            validation_fraction=validation_fraction, preprocess=preprocess, dtype=dtype, device=device, max_memory=max_memory,
             random_state=random_state, checkpoint_dir=checkpoint_dir, progress=progress,
         )
 

@@ -16,7 +16,15 @@ from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
 from ._compat import HAS_FALKON, require_falkon, resolve_device
-from ._inputs import encode_labels, image_rows, resolve_dtype, resolve_task, split_indices
+from ._inputs import (
+    encode_labels,
+    image_rows,
+    make_preprocessor,
+    preprocess_rows,
+    resolve_dtype,
+    resolve_task,
+    split_indices,
+)
 from .agop import patch_agop
 from .kernel import ConvMahalanobisKernel
 from .metric import fixed_metric, spectrum_summary, update_metric
@@ -80,6 +88,8 @@ class ConvRFM(BaseEstimator):
     task : ``"auto"`` (integer labels → classification, float → regression), or explicit.
     validation_fraction : share of the training data held out (stratified) to select the best
         iterate when ``fit`` is not given validation data. Test data is never needed.
+    preprocess : None, ``"standardize"`` (per channel) or ``"zca"`` (standardise, then ZCA
+        whitening of whole images), fitted on the training split and applied again by ``predict``.
     tune : choose σ and λ on the validation split at iteration 0 from ``sigma_grid`` ×
         ``penalty_grid`` (factors applied to ``sigma`` / ``penalty``).
     maxiter : conjugate-gradient iterations of Falkon.
@@ -121,6 +131,7 @@ class ConvRFM(BaseEstimator):
         loss="squared",
         task="auto",
         validation_fraction=0.1,
+        preprocess=None,
         tune=False,
         sigma_grid=(0.5, 1.0, 2.0),
         penalty_grid=(0.1, 1.0, 10.0),
@@ -151,6 +162,7 @@ class ConvRFM(BaseEstimator):
         self.loss = loss
         self.task = task
         self.validation_fraction = validation_fraction
+        self.preprocess = preprocess
         self.tune = tune
         self.sigma_grid = sigma_grid
         self.penalty_grid = penalty_grid
@@ -194,6 +206,7 @@ class ConvRFM(BaseEstimator):
             require_falkon()
         resolve_dtype(self.dtype)
         resolve_device(self.device)
+        make_preprocessor(self.preprocess)
 
     # ------------------------------------------------------------------ building blocks
     def _make_kernel(self, M, weights, sigma, image_shape):
@@ -263,6 +276,10 @@ class ConvRFM(BaseEstimator):
             Yval, _, _ = encode_labels(y_val, Xval.shape[0], self.task_, dtype, classes)
             if self.loss == "logistic":
                 Yval = 2 * Yval[:, 1:] - 1
+        self.preprocessor_ = make_preprocessor(self.preprocess)
+        if self.preprocessor_ is not None:
+            self.preprocessor_.fit(Xtr.reshape(-1, *image_shape))
+            Xtr, Xval = (preprocess_rows(self.preprocessor_, t, image_shape) for t in (Xtr, Xval))
         if Xval.shape[0] == 0:
             warnings.warn("No validation data: the last iterate is kept (best_iteration_ = iterations)")
         Xtr, Ytr, Xval, Yval = (t.to(device) for t in (Xtr, Ytr, Xval, Yval))
@@ -368,7 +385,7 @@ class ConvRFM(BaseEstimator):
         """f(X) = K_M(X, centres) α (n, C): class scores or regression outputs."""
         self._check_fitted()
         rows, _ = image_rows(X, self.image_shape_, self.channels_last, resolve_dtype(self.dtype))
-        rows = rows.to(self.alpha_.device)
+        rows = preprocess_rows(self.preprocessor_, rows, self.image_shape_).to(self.alpha_.device)
         return self.kernel_.mmv(rows, self.centres_.to(rows.dtype), self.alpha_.to(rows.dtype))
 
     def predict(self, X) -> torch.Tensor:
@@ -389,7 +406,7 @@ class ConvRFM(BaseEstimator):
         return 1 - ((pred - y) ** 2).sum().item() / ((y - y.mean(0)) ** 2).sum().item()
 
     # ------------------------------------------------------------------ persistence
-    _FITTED = ("M_", "weights_", "centres_", "alpha_", "history_", "metrics_", "best_iteration_", "classes_",
+    _FITTED = ("M_", "weights_", "centres_", "alpha_", "history_", "metrics_", "preprocessor_", "best_iteration_", "classes_",
                "image_shape_", "task_", "sigma_", "penalty_", "tuning_")
 
     def save(self, path) -> None:

@@ -1,0 +1,90 @@
+"""Memory model of a ConvRFM fit: bytes per phase, peak, and the largest centre count that fits.
+
+All terms follow the code: the kernel's declared temporaries (``extra_mem``), Falkon's stored
+K_nm and preconditioner, the AGOP chunk rule of :func:`~falkon_convrfm.agop.patch_agop` and the
+deep feature maps. Sizes are for one device holding everything (CPU RAM, or one GPU with the
+data in-core).
+"""
+from __future__ import annotations
+
+import math
+
+from .ops.dense import TILE_ELEMENTS
+from .patches import PatchGeometry
+
+BYTES = {"float32": 4, "float64": 8}
+AGOP_DEFAULT_BUDGET = 2**30
+
+
+def kernel_temporaries(geometry: PatchGeometry, rows: int, cols: int, rank: int, itemsize: int) -> int:
+    """Bytes of one ``compute`` call on a rows × cols block: per row the conv output and its
+    (P, r) copy plus the padded GEMM operand, and the tile buffers."""
+    per_row = geometry.num_locations * (2 * rank + (rank + 2 + 7) // 8 * 8)
+    return (per_row * (rows + cols) + 3 * TILE_ELEMENTS) * itemsize
+
+
+def agop_temporaries(geometry: PatchGeometry, centres: int, rank: int, outputs: int, itemsize: int,
+                     budget: float = AGOP_DEFAULT_BUDGET) -> int:
+    """Bytes of the AGOP pass: transformed centres, per-location accumulators, one chunk."""
+    P = geometry.num_locations
+    per_pair = ((4 + outputs) * centres + 3 * outputs * rank) * itemsize
+    chunk = min(budget, per_pair * P * max(1, budget // (per_pair * min(P, 8))))
+    return int(P * centres * rank * itemsize + P * rank * rank * 8 + chunk)
+
+
+def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, padding: int = 0,
+                centres: int = 10_000, dtype: str = "float32", device_memory: float = 80 * 2**30,
+                n_outputs: int = 10, agop_samples: int = 10_000, n_val: int = 0, rank: int | None = None,
+                block_budget: float | None = None, feature_channels: int | None = None, pool: int = 1) -> dict:
+    """Memory of each phase of a ConvRFM fit (bytes), the peak, and the largest centre count
+    whose peak fits in ``device_memory``.
+
+    ``rank`` defaults to d (a full-rank metric). ``block_budget``: Falkon's ``max_*_mem``
+    (None: unbounded, blocks as large as the data). ``feature_channels``/``pool``: also size the
+    feature maps of a Deep ConvRFM layer with that width.
+    """
+    s = BYTES[dtype]
+    geo = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
+    r = geo.patch_dim if rank is None else rank
+
+    def phases(m: int) -> dict:
+        blocks = kernel_temporaries(geo, n, m, r, s)
+        if block_budget is not None:
+            blocks = min(blocks, int(block_budget))
+        out = {
+            "data": (n + n_val) * geo.row_length * s,
+            "centres": m * geo.row_length * s,
+            "K_nm (stored)": n * m * s,
+            "preconditioner": 2 * m * m * s,
+            "kernel blocks": blocks,
+            "AGOP": agop_temporaries(geo, m, r, n_outputs, s),
+        }
+        if feature_channels:
+            ho, wo = geo.out_shape
+            out["feature maps"] = (n + n_val) * feature_channels * (ho // pool) * (wo // pool) * s
+        return out
+
+    def peak(ph: dict) -> int:
+        resident = ph["data"] + ph["centres"] + ph["K_nm (stored)"] + ph["preconditioner"] + ph.get("feature maps", 0)
+        return resident + max(ph["kernel blocks"], ph["AGOP"])
+
+    current = phases(centres)
+    lo, hi = 0, max(centres, 1)
+    while peak(phases(hi)) <= device_memory and hi < n:
+        hi = min(n, hi * 2)
+    while lo < hi:  # largest m with peak ≤ device_memory
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if peak(phases(mid)) <= device_memory else (lo, mid - 1)
+    return {"n": n, "centres": centres, "dtype": dtype, "phases": current, "peak": peak(current),
+            "device_memory": device_memory, "fits": peak(current) <= device_memory, "max_centres": lo}
+
+
+def format_plan(plan: dict) -> str:
+    """A printable table of :func:`plan_memory`'s result."""
+    gib = 2**30
+    lines = [f"memory plan: n = {plan['n']}, centres = {plan['centres']}, {plan['dtype']}"]
+    lines += [f"  {name:16s} {b / gib:9.2f} GiB" for name, b in plan["phases"].items()]
+    lines.append(f"  {'peak':16s} {plan['peak'] / gib:9.2f} GiB of {plan['device_memory'] / gib:.1f} GiB "
+                 f"({'fits' if plan['fits'] else 'does NOT fit'})")
+    lines.append(f"  largest centre count that fits: {plan['max_centres']}")
+    return "\n".join(lines)
