@@ -161,6 +161,7 @@ class DeepConvRFM(BaseEstimator):
 
     def _shared(self, name: str):
         params = dict(penalty=self.penalty, n_centres=self.n_centres, solver=self.solver, maxiter=self.maxiter,
+                      validation_fraction=self.validation_fraction,
                       dtype=self.dtype, device=self.device, max_memory=self.max_memory,
                       random_state=self.random_state, progress=self.progress)
         if self.checkpoint_dir is not None:
@@ -203,14 +204,17 @@ class DeepConvRFM(BaseEstimator):
         if self.preprocessor_ is not None:
             self.preprocessor_.fit(Xtr.reshape(-1, *shape))
             Xtr, Xval = (preprocess_rows(self.preprocessor_, t, shape) for t in (Xtr, Xval))
+        if Xval.shape[0] == 0:  # no validation data: each ConvRFM keeps its last iterate
+            Xval, yval = None, None
         gen = torch.Generator().manual_seed(int(self.random_state or 0))
         self.filters_, self.metrics_, self.history_, self.feature_shapes_ = [], [], [], [shape]
-        fingerprint = hashlib.sha1(str((Xtr.shape, float(Xtr[:100].sum()), repr(specs))).encode()).hexdigest()
+        params = {k: v for k, v in self.get_params().items() if k not in ("progress", "checkpoint_dir")}
+        fingerprint = hashlib.sha1(repr((Xtr.shape, float(Xtr[:100].sum()), specs, params)).encode()).hexdigest()
         saved = self._load_state(fingerprint)
         for index, spec in enumerate(tqdm(specs, desc="Deep ConvRFM layers", disable=not self.progress)):
             if saved is not None and index < len(saved["filters"]):
                 filters, M, record = saved["filters"][index], saved["metrics"][index], saved["history"][index]
-                torch.randn(spec.width, M.shape[0], generator=gen)  # keep the generator in step
+                torch.randn(spec.width, M.shape[0], generator=gen, dtype=torch.float64)  # keep the generator in step
             else:
                 tic = time.perf_counter()
                 with peak_rss() as mem:
@@ -221,7 +225,7 @@ class DeepConvRFM(BaseEstimator):
                           "best_iteration": rfm.best_iteration_, "sigma": rfm.sigma_,
                           "time_layer": time.perf_counter() - tic, "peak_rss_gb": mem["peak"] / 2**30}
             Xtr, new_shape = map_rows(Xtr, shape, filters, spec, self.max_memory)
-            Xval, _ = map_rows(Xval, shape, filters, spec, self.max_memory)
+            Xval = None if Xval is None else map_rows(Xval, shape, filters, spec, self.max_memory)[0]
             shape = new_shape
             record["output_shape"] = shape
             self.filters_.append(filters)

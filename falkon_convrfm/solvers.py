@@ -67,7 +67,7 @@ def fit_kernel_machine(
         return X, exact_ridge_fit(kernel, X, Y, penalty)
     falkon = require_falkon()
     centres = X[centre_idx]
-    selector = falkon.center_selection.FixedSelector(centres)
+    selector = falkon.center_selection.FixedSelector(centres, y_centers=Y[centre_idx])
     if loss == "logistic":
         penalties = [max(penalty, p) for p in (penalty * 1e4, penalty * 1e2, penalty)]
         model = falkon.LogisticFalkon(

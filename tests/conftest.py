@@ -22,7 +22,7 @@ HAS_FALKON = falkon_convrfm.HAS_FALKON
 
 requires_falkon = pytest.mark.skipif(
     not HAS_FALKON,
-    reason=f"Falkon is not installed (not on PyPI); see README / docs/install.md. {FALKON_INSTALL_HINT}",
+    reason=f"{FALKON_INSTALL_HINT} (see README.md, 'Falkon is optional and not on PyPI')",
 )
 requires_keops = pytest.mark.skipif(
     not falkon_convrfm.keops_available(),

@@ -637,3 +637,36 @@ def test_default_options_type():
         assert isinstance(k.params, falkon.FalkonOptions)
     else:
         assert isinstance(k.params, falkon_convrfm.KernelOptions)
+
+
+# ---------------------------------------------------------------------------------------------
+# The standalone blocked products (used when Falkon is absent; importable either way)
+# ---------------------------------------------------------------------------------------------
+def test_standalone_blocked_products(rng, monkeypatch):
+    from falkon_convrfm._standalone import blocked_dmmv, blocked_mmv, plan_blocks
+
+    shape = (3, 8, 8)
+    k = ConvMahalanobisKernel(naive.random_psd(27, rank=20, rng=rng), shape, 3, 1, 0, "gaussian", sigma=5.0)
+    X1 = torch.from_numpy(rng.uniform(0, 1, (300, 192)))
+    X2 = torch.from_numpy(rng.uniform(0, 1, (200, 192)))
+    v = torch.from_numpy(rng.standard_normal((200, 2)))
+    w = torch.from_numpy(rng.standard_normal((300, 2)))
+    K = k(X1, X2)
+    extra = k.extra_mem(False, False, torch.float64)
+    opt = falkon_convrfm.KernelOptions(max_cpu_mem=8.0 * (extra["0"] + 600_000))
+
+    calls = []
+    real = k.compute
+    monkeypatch.setattr(k, "compute", lambda a, b, out, diag, **kw: calls.append(a.shape[0]) or real(a, b, out, diag))
+    Kv = blocked_mmv(X1, X2, v, kernel=k, opt=opt)
+    assert len(calls) > 2
+    torch.testing.assert_close(Kv, K @ v, rtol=1e-10, atol=1e-10)
+    for vv, ww in ((v, w), (v, None), (None, w)):
+        calls.clear()
+        out = blocked_dmmv(X1, X2, vv, ww, kernel=k, opt=opt)
+        assert len(calls) > 2
+        ref = K.T @ ((K @ vv if vv is not None else 0) + (ww if ww is not None else 0))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+    with pytest.raises(ValueError, match="memory budget .* is too small"):
+        plan_blocks(300, 200, extra, extra["0"] + 10.0)

@@ -28,6 +28,8 @@ TILE_ELEMENTS = 2**19
 # Blocks with at least this many patch evaluations use the torch.compile'd tile function
 # (map and reduction fused); smaller ones run eagerly. FALKON_CONVRFM_COMPILE=0 disables it.
 COMPILE_MIN_EVALS = 2**24
+# Squared distances below ROUNDING_FLOOR·eps·(‖u‖² + ‖v‖²) are GEMM rounding (laplace only).
+ROUNDING_FLOOR = 16
 COMPILE_ENABLED = os.environ.get("FALKON_CONVRFM_COMPILE", "1") != "0"
 TORCH_COMPILE_OK = hasattr(torch, "compile") and sys.platform.startswith("linux")
 
@@ -125,15 +127,22 @@ def _kernel_map(E: torch.Tensor, kind: str) -> torch.Tensor:
     return ntk_profile(E)
 
 
-def tile_kernel_sum(left, right, row_scale, col_scale, weights, kind: str) -> torch.Tensor:
-    """One output tile: Σ_p w_p s_pi t_pj κ((left_p right_p)_ij), a GEMM, a map and a reduction.
+def tile_kernel_sum(left, right, row_aux, col_aux, weights, kind: str) -> torch.Tensor:
+    """One output tile: Σ_p w_p κ((left_p right_p)_ij), a GEMM, a map and a reduction.
 
+    ``row_aux``/``col_aux`` (per location and row/column): for ntk the norms ω_p‖u‖ and ‖v‖
+    that scale κ; for laplace the floors ε·γ‖u‖², ε·γ‖v‖² below which a squared distance is
+    GEMM rounding and counts as 0 (so identical patches give κ = 1 exactly instead of an
+    O(√ε) error through the square root); unused (None) for gaussian.
     Written as one pure expression so that ``torch.compile`` fuses map and reduction into a
     single pass over the GEMM output while it is still in cache.
     """
-    K = _kernel_map(torch.bmm(left, right), kind)
-    if row_scale is not None:
-        K = K * row_scale.unsqueeze(2) * col_scale.unsqueeze(1)
+    E = torch.bmm(left, right)
+    if kind == "laplace":
+        E = torch.where(E <= row_aux.unsqueeze(2) + col_aux.unsqueeze(1), 0.0, E)
+    K = _kernel_map(E, kind)
+    if kind == "ntk":
+        K = K * row_aux.unsqueeze(2) * col_aux.unsqueeze(1)
     return torch.einsum("p,pij->ij", weights, K)
 
 
@@ -186,14 +195,14 @@ def conv_kernel_matrix(
     chunk = max(1, TILE_ELEMENTS // (rows * cols))
     chunk = chunk if compiled else min(chunk, P)
     tile_fn = _compiled_tile_fn() if compiled else tile_kernel_sum
-    row_scale = col_scale = None
+    row_aux = col_aux = None
     if kind == "ntk":
         a, U = _unit_rows(T1)
         b, V = _unit_rows(T2)
         left = _tiled_factor(U, None, 1, None, rows, chunk, False)
         right = _tiled_factor(V, None, 1, None, cols, chunk, True)
-        row_scale = _tiled_scale(a * weights[:, None], rows, chunk)  # ω_p ‖u‖
-        col_scale = _tiled_scale(b, cols, chunk)
+        row_aux = _tiled_scale(a * weights[:, None], rows, chunk)  # ω_p ‖u‖
+        col_aux = _tiled_scale(b, cols, chunk)
         red_w = _pad_locations(torch.ones_like(weights), chunk)
     else:  # γ‖u − v‖² = [−2γu, γ‖u‖², 1]·[v, 1, γ‖v‖²], patches centred per location
         gamma = 1.0 / sigma**2 if kind == "laplace" else -0.5 / sigma**2
@@ -201,6 +210,10 @@ def conv_kernel_matrix(
         left = _tiled_factor(T1, centre, -2 * gamma, gamma, rows, chunk, False)
         right = _tiled_factor(T2, centre, 1, gamma, cols, chunk, True)
         red_w = _pad_locations(weights, chunk)
+        if kind == "laplace":
+            floor = ROUNDING_FLOOR * torch.finfo(T1.dtype).eps * gamma
+            row_aux = _tiled_scale((T1 - centre).pow(2).sum(-1) * floor, rows, chunk)
+            col_aux = _tiled_scale((T2 - centre).pow(2).sum(-1) * floor, cols, chunk)
     for ti in range(left.shape[0]):
         i0, i1 = ti * rows, min(n, (ti + 1) * rows)
         for tj in range(right.shape[0]):
@@ -211,8 +224,8 @@ def conv_kernel_matrix(
                 part = tile_fn(
                     left[ti, locs],
                     right[tj, locs],
-                    None if row_scale is None else row_scale[ti, locs],
-                    None if col_scale is None else col_scale[tj, locs],
+                    None if row_aux is None else row_aux[ti, locs],
+                    None if col_aux is None else col_aux[tj, locs],
                     red_w[locs],
                     kind,
                 )

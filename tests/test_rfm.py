@@ -1,0 +1,494 @@
+"""ConvRFM estimator: exact vs Falkon, checkpoint resume, persistence, input handling, errors,
+and the metric update (falkon_convrfm.metric.update_metric / fixed_metric).
+
+All fits are tiny (≤ 100 images of 1×8×8, 3×3 patches) and use ``solver='exact'`` unless the
+test is about Falkon.
+"""
+from __future__ import annotations
+
+import math
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+import falkon_convrfm.rfm as rfm_module
+from conftest import requires_falkon
+from falkon_convrfm import ConvRFM
+from falkon_convrfm.metric import dc_direction, fixed_metric, update_metric
+
+class SimulatedKill(Exception):
+    pass
+
+
+TIME_KEYS = ("time_fit", "time_eval", "time_agop", "time_update")
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one intra-op thread is faster than two, and much faster on a shared
+    (oversubscribed) machine. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_small_digits(n: int):
+    """n sklearn digits of classes {0, 1, 2}, as (n, 1, 8, 8) float64 in [0, 1], and labels."""
+    data = load_digits()
+    keep = np.flatnonzero(data.target < 3)[:n]
+    X = (data.images[keep] / 16.0)[:, None].astype(np.float64)
+    return X, data.target[keep].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_small_digits(60)
+
+
+def small(**overrides):
+    """A fast ConvRFM configuration (exact solver, float64, 2 metric updates)."""
+    params = dict(patch_size=3, kernel="laplace", sigma=2.0, penalty=1e-3, iterations=2, agop_samples=60,
+                  solver="exact", dtype="float64", random_state=0, progress=False)
+    params.update(overrides)
+    return ConvRFM(**params)
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    X, y = digits
+    return small().fit(X, y)
+
+
+def _history_without_times(history):
+    return [{k: v for k, v in rec.items() if k not in TIME_KEYS} for rec in history]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact solver vs Falkon with every training point as a centre
+# ---------------------------------------------------------------------------------------------
+@requires_falkon
+def test_exact_and_falkon_learn_the_same_metric():
+    """Falkon with n_centres ≥ n solves the same ridge problem as the exact solver (penalty
+    conventions agree), so the learned metrics agree to CG precision."""
+    X, y = load_small_digits(100)
+    common = dict(iterations=2, penalty=1e-3, agop_samples=200)
+    exact = small(solver="exact", **common).fit(X, y)
+    falk = small(solver="falkon", n_centres=1000, maxiter=200, **common).fit(X, y)
+    assert len(exact.metrics_) == len(falk.metrics_) == 3
+    for Me, Mf in zip(exact.metrics_, falk.metrics_):
+        torch.testing.assert_close(Mf, Me, rtol=1e-5, atol=1e-5 * Me.abs().max().item())
+    torch.testing.assert_close(falk.M_, exact.M_, rtol=1e-5, atol=1e-5 * exact.M_.abs().max().item())
+    # the predictors agree too (every training row is a centre in both)
+    assert falk.centres_.shape == exact.centres_.shape
+    s_e, s_f = exact.decision_function(X), falk.decision_function(X)
+    assert (s_e - s_f).abs().max().item() <= 1e-5 * s_e.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: kill and resume
+# ---------------------------------------------------------------------------------------------
+def test_kill_and_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
+    X, y = digits
+    params = dict(iterations=3)
+    reference = small(**params).fit(X, y)
+
+    original = rfm_module.patch_agop
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SimulatedKill("simulated kill during the 2nd AGOP")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rfm_module, "patch_agop", dying)
+    with pytest.raises(SimulatedKill):
+        small(checkpoint_dir=str(tmp_path), **params).fit(X, y)
+    assert (tmp_path / rfm_module.CHECKPOINT_NAME).exists()
+
+    # resume, unpatched except for a call counter: only the remaining AGOPs run
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rfm_module, "patch_agop", counting)
+    resumed = small(checkpoint_dir=str(tmp_path), **params).fit(X, y)
+    assert counted["n"] == 2, "the resumed fit should start at iteration 1, not from scratch"
+
+    assert len(resumed.metrics_) == len(reference.metrics_) == 4
+    for Mr, Mu in zip(resumed.metrics_, reference.metrics_):
+        assert (Mr - Mu).abs().max().item() <= 1e-12 * Mu.abs().max().item()
+    assert (resumed.M_ - reference.M_).abs().max().item() <= 1e-12 * reference.M_.abs().max().item()
+    assert resumed.best_iteration_ == reference.best_iteration_
+    assert _history_without_times(resumed.history_) == _history_without_times(reference.history_)
+    assert torch.allclose(resumed.decision_function(X), reference.decision_function(X), rtol=0, atol=1e-12)
+
+
+def test_checkpoint_of_other_parameters_is_ignored(digits, tmp_path):
+    X, y = digits
+    small(iterations=1, checkpoint_dir=str(tmp_path)).fit(X, y)
+    with pytest.warns(UserWarning, match="Ignoring checkpoint"):
+        other = small(iterations=1, penalty=1e-2, checkpoint_dir=str(tmp_path)).fit(X, y)
+    fresh = small(iterations=1, penalty=1e-2).fit(X, y)
+    assert torch.equal(other.M_, fresh.M_)
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistence, prediction API, input formats
+# ---------------------------------------------------------------------------------------------
+def test_save_load_round_trip(fitted, digits, tmp_path):
+    X, y = digits
+    path = tmp_path / "convrfm.pt"
+    fitted.save(path)
+    loaded = ConvRFM.load(path)
+    assert torch.equal(loaded.M_, fitted.M_)
+    assert torch.equal(loaded.decision_function(X), fitted.decision_function(X))
+    assert torch.equal(loaded.predict(X), fitted.predict(X))
+    assert loaded.score(X, y) == fitted.score(X, y)
+    assert loaded.best_iteration_ == fitted.best_iteration_
+    assert loaded.get_params() == fitted.get_params()
+
+
+def test_load_rejects_other_class(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"class": "DeepConvRFM", "params": {}, "fitted": {}}, path)
+    with pytest.raises(ValueError, match="DeepConvRFM"):
+        ConvRFM.load(path)
+
+
+def test_prediction_shapes(fitted, digits):
+    X, y = digits
+    n = X.shape[0]
+    scores = fitted.decision_function(X)
+    assert scores.shape == (n, 3)
+    pred = fitted.predict(X)
+    assert pred.shape == (n,)
+    assert set(pred.tolist()) <= {0, 1, 2}
+    assert torch.equal(pred, fitted.classes_[scores.argmax(1)])
+    acc = fitted.score(X, y)
+    assert 0.0 <= acc <= 1.0
+    assert acc == pytest.approx((pred.numpy() == y).mean())
+    assert fitted.task_ == "classification"
+    assert fitted.image_shape_ == (1, 8, 8)
+    assert fitted.M_.shape == (9, 9)
+
+
+def test_history_and_best_iteration(fitted):
+    h = fitted.history_
+    T = fitted.iterations
+    assert [rec["iteration"] for rec in h] == list(range(T + 1))
+    assert len(fitted.metrics_) == T + 1
+    assert torch.equal(fitted.metrics_[0], torch.eye(9, dtype=torch.float64))
+    for rec in h:
+        for key in ("train_accuracy", "val_accuracy", "spectrum", "time_fit", "time_eval", "sigma", "penalty"):
+            assert key in rec, key
+        assert 0 <= rec["train_accuracy"] <= 1 and 0 <= rec["val_accuracy"] <= 1
+        assert {"top_eigenvalues", "effective_rank", "dc_share", "trace"} <= set(rec["spectrum"])
+        assert rec["spectrum"]["trace"] == pytest.approx(9.0)
+    for rec in h[:-1]:  # every iteration that is followed by a metric update
+        for key in ("time_agop", "time_update", "location_share"):
+            assert key in rec, key
+        assert rec["time_agop"] >= 0 and rec["time_update"] >= 0
+        assert len(rec["location_share"]) == 36
+    val = [rec["val_accuracy"] for rec in h]
+    assert fitted.best_iteration_ == int(np.argmax(val))
+    assert torch.equal(fitted.M_, fitted.metrics_[fitted.best_iteration_])
+
+
+def test_non_contiguous_labels(digits):
+    X, y = digits
+    keep = y < 2
+    labels = np.where(y[keep] == 0, 3, 7)
+    model = small(iterations=1).fit(X[keep], labels)
+    assert model.classes_.tolist() == [3, 7]
+    pred = model.predict(X[keep])
+    assert set(pred.tolist()) <= {3, 7}
+    assert model.score(X[keep], labels) == pytest.approx((pred.numpy() == labels).mean())
+    assert model.score(X[keep], labels) > 0.9
+
+
+def test_regression_targets(digits):
+    X, _ = digits
+    rng = np.random.default_rng(0)
+    target = X[:, 0, 2:5, 2:5].mean((1, 2)) + 0.01 * rng.standard_normal(X.shape[0])
+    model = small(iterations=1, penalty=1e-4).fit(X, target)
+    assert model.task_ == "regression"
+    assert model.classes_ is None
+    pred = model.predict(X)
+    assert pred.shape == (X.shape[0],) and pred.dtype == torch.float64
+    r2 = 1 - ((pred.numpy() - target) ** 2).sum() / ((target - target.mean()) ** 2).sum()
+    assert model.score(X, target) == pytest.approx(r2, rel=1e-10)
+    assert r2 > 0.5
+    assert "val_r2" in model.history_[0] and "train_mse" in model.history_[0]
+
+
+def test_input_formats_agree(digits, fitted):
+    """channels_last images, flat rows with image_shape, torch and numpy input: same model."""
+    X, y = digits
+    ref_scores = fitted.decision_function(X)
+
+    nhwc = np.ascontiguousarray(X.transpose(0, 2, 3, 1))
+    cl = small(channels_last=True).fit(nhwc, y)
+    assert cl.image_shape_ == (1, 8, 8)
+    assert torch.equal(cl.M_, fitted.M_)
+    assert torch.allclose(cl.decision_function(nhwc), ref_scores, rtol=0, atol=1e-12)
+
+    flat = X.reshape(X.shape[0], -1)
+    fl = small(image_shape=(1, 8, 8)).fit(flat, y)
+    assert torch.equal(fl.M_, fitted.M_)
+    assert torch.allclose(fl.decision_function(flat), ref_scores, rtol=0, atol=1e-12)
+
+    tt = small().fit(torch.from_numpy(X), torch.from_numpy(y))
+    assert torch.equal(tt.M_, fitted.M_)
+    assert torch.allclose(tt.decision_function(torch.from_numpy(X)), ref_scores, rtol=0, atol=1e-12)
+
+    grey = small().fit(X[:, 0], y)  # (n, H, W) grey images
+    assert grey.image_shape_ == (1, 8, 8)
+    assert torch.equal(grey.M_, fitted.M_)
+
+
+def test_explicit_validation_data(digits):
+    X, y = digits
+    model = small(iterations=1).fit(X[:45], y[:45], X_val=X[45:], y_val=y[45:])
+    # iteration 0's validation accuracy is that of the fixed-kernel model on X_val
+    fixed = small(iterations=0).fit(X[:45], y[:45], X_val=X[45:], y_val=y[45:])
+    assert model.history_[0]["val_accuracy"] == pytest.approx(fixed.score(X[45:], y[45:]), abs=1e-12)
+    assert model.centres_.shape[0] == 45  # the exact solver uses all training rows
+
+
+def test_no_validation_keeps_last_iterate(digits):
+    X, y = digits
+    with pytest.warns(UserWarning, match="No validation data"):
+        model = small(iterations=2, validation_fraction=0.0).fit(X, y)
+    assert model.best_iteration_ == 2
+    assert "val_accuracy" not in model.history_[0]
+
+
+def test_float32_fit(digits):
+    X, y = digits
+    model = small(dtype="float32", iterations=1).fit(X, y)
+    assert model.alpha_.dtype == torch.float32
+    assert model.decision_function(X).dtype == torch.float32
+    assert model.M_.dtype == torch.float64
+    assert torch.isfinite(model.M_).all()
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "ntk"])
+def test_other_base_kernels_fit(digits, kernel):
+    X, y = digits
+    model = small(kernel=kernel, iterations=1, sigma=1.0).fit(X, y)
+    assert torch.isfinite(model.M_).all()
+    assert torch.trace(model.M_).item() == pytest.approx(9.0)
+    assert model.score(X, y) > 0.8
+
+
+def test_tune_and_median_sigma(digits):
+    X, y = digits
+    model = small(iterations=0, tune=True, sigma="median", sigma_grid=(0.5, 2.0), penalty_grid=(1.0, 10.0)).fit(X, y)
+    assert len(model.tuning_) == 4
+    sigmas = sorted({rec["sigma"] for rec in model.tuning_})
+    base = sigmas[0] / 0.5
+    assert base > 0 and math.isfinite(base)
+    assert sigmas == pytest.approx([0.5 * base, 2.0 * base])
+    assert sorted({rec["penalty"] for rec in model.tuning_}) == pytest.approx([1e-3, 1e-2])
+    best = max(model.tuning_, key=lambda rec: rec["val_accuracy"])
+    assert model.history_[0]["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    assert model.sigma_ in sigmas and model.kernel_.sigma == model.sigma_
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(agop_samples=0), "agop_samples"),
+        (dict(agop_samples=-3), "agop_samples"),
+        (dict(n_centres=0), "n_centres"),
+        (dict(kernel="cosine"), "kernel"),
+        (dict(sigma=-1.0), "sigma"),
+        (dict(shrinkage=1.5), "shrinkage"),
+        (dict(solver="lbfgs"), "solver"),
+        (dict(loss="hinge"), "loss"),
+        (dict(iterations=-1), "iterations"),
+        (dict(penalty=0.0), "penalty"),
+        (dict(dtype="float16"), "dtype"),
+    ],
+)
+def test_bad_parameters(digits, params, match):
+    X, y = digits
+    with pytest.raises(ValueError, match=match):
+        small(**params).fit(X, y)
+
+
+def test_bad_data(digits):
+    X, y = digits
+    with pytest.raises(ValueError, match="labels"):
+        small().fit(X, y[:-1])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        small().fit(X, np.zeros(X.shape[0], dtype=np.int64))
+    Xnan = X.copy()
+    Xnan[3, 0, 4, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        small().fit(Xnan, y)
+    flat = X.reshape(X.shape[0], -1)
+    with pytest.raises(ValueError, match="length 63"):
+        small(image_shape=(1, 8, 8)).fit(flat[:, :63], y)
+    with pytest.raises(ValueError, match="image_shape"):
+        small().fit(flat, y)  # flat rows without image_shape
+    with pytest.raises(ValueError, match="image_shape"):
+        small(image_shape=(1, 7, 7)).fit(X, y)
+    with pytest.raises(ValueError, match="patch_size"):
+        small(patch_size=9).fit(X, y)
+    with pytest.raises(TypeError, match="numpy"):
+        small().fit(X.tolist(), y)
+
+
+def test_logistic_loss_needs_two_classes(digits):
+    X, y = digits
+    with pytest.raises(ValueError, match="2 classes"):
+        small(loss="logistic").fit(X, y)
+
+
+def test_logistic_loss_with_exact_solver(digits):
+    X, y = digits
+    keep = y < 2
+    with pytest.raises(ValueError, match="squared"):
+        small(loss="logistic").fit(X[keep], y[keep])
+
+
+@requires_falkon
+def test_logistic_loss_binary_with_falkon(digits):
+    X, y = digits
+    keep = y < 2
+    model = small(loss="logistic", solver="falkon", n_centres=30, iterations=1, maxiter=5).fit(X[keep], y[keep])
+    assert model.decision_function(X[keep]).shape == (int(keep.sum()), 1)  # one ±1 score
+    assert set(model.predict(X[keep]).tolist()) <= {0, 1}
+    assert model.score(X[keep], y[keep]) > 0.9
+
+
+def test_cuda_without_cuda(digits):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    X, y = digits
+    with pytest.raises(RuntimeError, match="CUDA"):
+        small(device="cuda").fit(X, y)
+
+
+def test_predict_before_fit(digits):
+    X, _ = digits
+    model = small()
+    for method in (model.predict, model.decision_function):
+        with pytest.raises(RuntimeError, match="not fitted"):
+            method(X)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        model.save("never-written.pt")
+
+
+def test_predict_with_wrong_image_shape(fitted):
+    with pytest.raises(ValueError, match="image_shape"):
+        fitted.predict(np.zeros((2, 1, 7, 7)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric update
+# ---------------------------------------------------------------------------------------------
+def _random_psd(d, seed=0, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, rank or d, generator=g, dtype=torch.float64)
+    return A @ A.T
+
+
+def test_update_metric_trace_normalisation():
+    d = 9
+    G = _random_psd(d) * 1e-3
+    M = update_metric(G)
+    assert torch.equal(M, M.T)
+    assert torch.trace(M).item() == pytest.approx(d, rel=1e-12)
+    assert torch.allclose(M, G * d / torch.trace(G), rtol=1e-12, atol=0)
+    assert torch.linalg.eigvalsh(M).min() >= -1e-12
+
+
+def test_update_metric_power_half():
+    d = 9
+    G = _random_psd(d, seed=1)  # full rank: sqrt of round-off eigenvalues would be ~1e-8
+    M = update_metric(G, power=0.5)
+    evals, evecs = torch.linalg.eigh(G)
+    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    expected = root * d / torch.trace(root)
+    assert torch.trace(M).item() == pytest.approx(d, rel=1e-12)
+    assert (M - expected).abs().max().item() <= 1e-10 * expected.abs().max().item()
+    # M² ∝ G (same eigenvectors, squared spectrum)
+    M2 = M @ M
+    assert torch.allclose(M2 / torch.trace(M2), G / torch.trace(G), atol=1e-10)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.2, 1.0, 3.0])
+def test_update_metric_dc_weight(w):
+    d = 9
+    G = _random_psd(d, seed=2)
+    M = update_metric(G, dc_weight=w)
+    e = dc_direction(d)
+    assert torch.allclose(e, torch.ones(d, dtype=torch.float64) / 3.0)
+    # DC is an eigenvector with eigenvalue w
+    assert torch.allclose(M @ e, w * e, atol=1e-12)
+    assert (e @ M @ e).item() / (e @ e).item() == pytest.approx(w, abs=1e-12)
+    assert torch.trace(M).item() == pytest.approx(d - 1 + w, rel=1e-12)
+    # the rest is the trace-normalised projected G
+    proj = torch.eye(d, dtype=torch.float64) - torch.outer(e, e)
+    Gp = proj @ G @ proj
+    expected = Gp * (d - 1) / torch.trace(Gp) + w * torch.outer(e, e)
+    assert torch.allclose(M, expected, atol=1e-12)
+    # the fixed metric with the same DC weight has the same trace and DC eigenvalue
+    F = fixed_metric(d, w)
+    assert torch.allclose(F @ e, w * e, atol=1e-15)
+    assert torch.trace(F).item() == pytest.approx(d - 1 + w)
+
+
+@pytest.mark.parametrize("w", [None, 0.2])
+def test_update_metric_full_shrinkage_is_fixed_metric(w):
+    d = 9
+    G = _random_psd(d, seed=3, rank=3)
+    M = update_metric(G, power=1.0, dc_weight=w, shrinkage=1.0)
+    assert torch.allclose(M, fixed_metric(d, w), atol=1e-15)
+    half = update_metric(G, dc_weight=w, shrinkage=0.5)
+    assert torch.allclose(half, 0.5 * update_metric(G, dc_weight=w) + 0.5 * fixed_metric(d, w), atol=1e-14)
+
+
+def test_fixed_metric_identity():
+    assert torch.equal(fixed_metric(4), torch.eye(4, dtype=torch.float64))
+
+
+def test_dc_weight_is_used_at_iteration_zero(digits):
+    X, y = digits
+    model = small(iterations=1, dc_weight=0.2).fit(X, y)
+    assert torch.allclose(model.metrics_[0], fixed_metric(9, 0.2))
+    e = dc_direction(9)
+    for M in model.metrics_:
+        assert (e @ M @ e).item() == pytest.approx(0.2, abs=1e-10)
+        assert torch.trace(M).item() == pytest.approx(8.2, rel=1e-10)
+
+
+def test_shrinkage_one_keeps_fixed_metric(digits):
+    X, y = digits
+    model = small(iterations=1, shrinkage=1.0).fit(X, y)
+    assert torch.allclose(model.metrics_[1], torch.eye(9, dtype=torch.float64), atol=1e-14)
+
+
+def test_location_weights_follow_share(digits):
+    X, y = digits
+    with pytest.warns(UserWarning, match="No validation data"):
+        model = small(iterations=1, location_weights=True, validation_fraction=0.0).fit(X, y)
+    assert model.best_iteration_ == 1
+    share = torch.tensor(model.history_[0]["location_share"], dtype=torch.float64)
+    assert torch.allclose(model.weights_.double(), share.clamp_min(0), rtol=1e-12, atol=0)
+    w = model.kernel_.weights
+    assert w.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(w, share.clamp_min(0) / share.clamp_min(0).sum(), rtol=1e-10, atol=0)
