@@ -11,11 +11,18 @@ Runs, at the same σ, λ, centres and geometry:
      and the updates project DC out of the AGOP and keep that weight.
 Prints a per-iteration table, writes ``history.json`` and the filters PNG to ``--out-dir``.
 
+    python examples/cifar10_convrfm.py --small          # minutes on a 2-core CPU
     python examples/cifar10_convrfm.py --n-train 10000 --n-val 5000 --centres 2000
+    python examples/cifar10_convrfm.py --full           # one GPU: full training set, planned centres
+
+``--full`` uses all images but a 5 000-image validation split, and the largest centre count
+(capped at 20 000) that the memory planner fits in ``--device-memory-gb`` (80); it prints the
+plan, and stops there when no CUDA device is present.
 """
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -24,13 +31,14 @@ import torch
 import falkon_convrfm as fc
 from falkon_convrfm.datasets import Preprocessor, load_npz
 from falkon_convrfm.memory import peak_rss
+from falkon_convrfm.planning import format_plan, plan_memory
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_train.npz")
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=DEFAULT_DATA, help="npz with images/labels")
+def parse(argv=None, doc=__doc__, data_default=DEFAULT_DATA):
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=data_default, help="dataset file")
     p.add_argument("--n-train", type=int, default=10_000)
     p.add_argument("--n-val", type=int, default=5_000)
     p.add_argument("--centres", type=int, default=2_000)
@@ -48,7 +56,29 @@ def parse(argv=None):
     p.add_argument("--skip-identity", action="store_true", help="do not fit the M = I baseline")
     p.add_argument("--out-dir", default="runs/cifar10_convrfm")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="n-train 2000, n-val 1000, 500 centres, 1000 AGOP rows")
+    p.add_argument("--full", action="store_true", help="full training set on one GPU, centres from the memory plan")
+    p.add_argument("--device-memory-gb", type=float, default=80.0, help="GPU memory for --full")
+    if "--small" in (sys.argv[1:] if argv is None else argv):  # explicit sizes still win
+        p.set_defaults(n_train=2000, n_val=1000, centres=500, agop_samples=1000)
     return p.parse_args(argv)
+
+
+def full_preset(args, n_total: int, image_shape) -> bool:
+    """Set --full's sizes from the memory planner; print the plan. False if there is no GPU."""
+    args.n_val = 5000
+    args.n_train = n_total - args.n_val
+    plan = plan_memory(args.n_train, image_shape, args.patch_size, centres=20_000, n_val=args.n_val,
+                       device_memory=args.device_memory_gb * 2**30, agop_samples=args.agop_samples)
+    args.centres = min(20_000, plan["max_centres"])
+    plan = plan_memory(args.n_train, image_shape, args.patch_size, centres=args.centres, n_val=args.n_val,
+                       device_memory=args.device_memory_gb * 2**30, agop_samples=args.agop_samples)
+    print(format_plan(plan))
+    if not torch.cuda.is_available():
+        print("no CUDA device here: --full stops after printing its plan")
+        return False
+    args.device = "cuda"
+    return True
 
 
 def load_split(path, n_train, n_val):
@@ -63,13 +93,21 @@ def load_split(path, n_train, n_val):
 
 def main(argv=None):
     args = parse(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
+    if args.full and not full_preset(args, len(np.load(args.data)["labels"]), (3, 32, 32)):
+        return
     Xtr, ytr, Xval, yval = load_split(args.data, args.n_train, args.n_val)
-    print(f"CIFAR-10: {len(ytr)} train / {len(yval)} validation images; Falkon: {fc.HAS_FALKON}")
+    run(args, Xtr, ytr, Xval, yval, "CIFAR-10")
+
+
+def run(args, Xtr, ytr, Xval, yval, name):
+    """Fit M = I and ConvRFM on the split, print the table, write history.json and the PNGs."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    print(f"{name}: {len(ytr)} train / {len(yval)} validation images; Falkon: {fc.HAS_FALKON}")
     common = dict(
         patch_size=args.patch_size, kernel=args.kernel, sigma=args.sigma, penalty=args.penalty,
         n_centres=args.centres, agop_samples=args.agop_samples, agop_power=args.power,
         maxiter=args.maxiter, max_memory=args.max_memory_gb * 2**30, random_state=args.seed,
+        device=getattr(args, "device", "cpu"),
     )
     runs = {}
     if not args.skip_identity:
@@ -99,7 +137,7 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, "history.json"), "w") as f:
         json.dump({"args": vars(args), "runs": runs}, f, indent=1)
     fc.plot_filters(model.metrics_[-1], model.image_shape_, args.patch_size, k=8,
-                    path=os.path.join(args.out_dir, "filters.png"), title=f"CIFAR-10: top eigenvectors of M (iteration {len(model.metrics_) - 1})")
+                    path=os.path.join(args.out_dir, "filters.png"), title=f"{name}: top eigenvectors of M (iteration {len(model.metrics_) - 1})")
     last = model.history_[-2] if len(model.history_) > 1 else None
     if last is not None and "location_share" in last:
         fc.plot_location_map(last["location_share"], model.image_shape_, args.patch_size,

@@ -12,6 +12,7 @@ and peak memory, and writes ``deep.json``.
 import argparse
 import json
 import os
+import sys
 import time
 
 import falkon_convrfm as fc
@@ -40,10 +41,9 @@ def parse(argv=None):
     p.add_argument("--small", action="store_true", help="n-train 2000, n-val 1000, 500 centres")
     p.add_argument("--out", default="runs/cifar10_deep/deep.json")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.small:
-        args.n_train, args.n_val, args.centres, args.agop_samples = 2000, 1000, 500, 1000
-    return args
+    if "--small" in (sys.argv[1:] if argv is None else argv):  # explicit sizes still win
+        p.set_defaults(n_train=2000, n_val=1000, centres=500, agop_samples=1000)
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -109,9 +109,9 @@ class DeepConvRFM(BaseEstimator):
     layers : sequence of :class:`LayerSpec` (or dicts of its fields), one per feature map.
     final : dict of :class:`ConvRFM` parameters for the classifier on the last maps (patch
         geometry, kernel, sigma, iterations, ...). Shared settings below fill in the rest.
-    penalty, n_centres, solver, maxiter, validation_fraction, preprocess, dtype, device,
-    max_memory, random_state, progress, channels_last : as in :class:`ConvRFM` (preprocessing
-    is applied once, to the input images).
+    penalty, n_centres, solver, maxiter, validation_fraction, preprocess, dtype, device, max_memory, random_state, progress, channels_last
+        As in :class:`ConvRFM`, for every layer (preprocessing is applied once, to the input
+        images).
     checkpoint_dir : state is saved after every layer (and inside each layer's ConvRFM), so an
         interrupted fit resumes at the layer and iteration where it stopped.
 
