@@ -116,7 +116,7 @@ class ConvMahalanobisKernel(_KernelBase):
 
     def _check(self, **tensors) -> dict:
         """Convert and validate data arguments: image rows, dtypes, devices, finiteness."""
-        out = {k: (None if t is None else as_tensor(t, k)) for k, t in tensors.items()}
+        out = {k: (None if t is None else as_tensor(t, k).contiguous()) for k, t in tensors.items()}
         present = {k: t for k, t in out.items() if t is not None}
         first_name, first = next(iter(present.items()))
         for name, t in present.items():
@@ -152,6 +152,8 @@ class ConvMahalanobisKernel(_KernelBase):
 
     def dmmv(self, X1, X2, v, w, out=None, opt=None, **kwargs):
         c = self._check(X1=X1, X2=X2, v=v, w=w)
+        if c["v"] is None and c["w"] is not None:  # K(X1, X2)ᵀ w = K(X2, X1) w: K is symmetric
+            return self.mmv(c["X2"], c["X1"], c["w"], out=out, opt=opt, **kwargs)
         return super().dmmv(c["X1"], c["X2"], c["v"], c["w"], out=out, opt=opt, **kwargs)
 
     # ------------------------------------------------------------------ Falkon's kernel contract

@@ -114,6 +114,11 @@ def _tiled_scale(S: torch.Tensor, tile: int, chunk: int) -> torch.Tensor:
     return out.view(P_pad, n_tiles, tile).transpose(0, 1).contiguous()
 
 
+def _balanced(n: int, tile: int) -> int:
+    """The smallest tile size ≤ ``tile`` that covers n in as few tiles as ``tile`` does."""
+    return -(-n // -(-n // tile))
+
+
 def _pad_locations(w: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([w, w.new_zeros(-w.shape[0] % chunk, *w.shape[1:])])
 
@@ -191,7 +196,7 @@ def conv_kernel_matrix(
     if out is None:
         out = T1.new_empty(n, m)
     compiled = _use_compiled(n, m, P)
-    rows, cols = (TILE_ROWS, TILE_COLS) if compiled else (min(TILE_ROWS, n), min(TILE_COLS, m))
+    rows, cols = (TILE_ROWS, TILE_COLS) if compiled else (_balanced(n, TILE_ROWS), _balanced(m, TILE_COLS))
     chunk = max(1, TILE_ELEMENTS // (rows * cols))
     chunk = chunk if compiled else min(chunk, P)
     tile_fn = _compiled_tile_fn() if compiled else tile_kernel_sum
