@@ -38,8 +38,8 @@ def solver_options(max_memory=None, device: str = "cpu", **overrides):
     opts = {}
     if max_memory is not None:
         opts.update(max_cpu_mem=float(max_memory), max_gpu_mem=float(max_memory))
-    if HAS_FALKON:
-        opts.update(store_kernel_d_threshold=0, use_cpu=(device == "cpu"))
+    if HAS_FALKON:  # no_single_kernel=False: float32 data keeps float32 kernel blocks (2× faster)
+        opts.update(store_kernel_d_threshold=0, no_single_kernel=False, use_cpu=(device == "cpu"))
     opts.update(overrides)
     return make_options(**opts)
 

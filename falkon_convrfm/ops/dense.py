@@ -215,10 +215,11 @@ def conv_kernel_matrix(
         left = _tiled_factor(T1, centre, -2 * gamma, gamma, rows, chunk, False)
         right = _tiled_factor(T2, centre, 1, gamma, cols, chunk, True)
         red_w = _pad_locations(weights, chunk)
-        if kind == "laplace":
-            floor = ROUNDING_FLOOR * torch.finfo(T1.dtype).eps * gamma
-            row_aux = _tiled_scale((T1 - centre).pow(2).sum(-1) * floor, rows, chunk)
-            col_aux = _tiled_scale((T2 - centre).pow(2).sum(-1) * floor, cols, chunk)
+        if kind == "laplace":  # floors from the factors' norm entries γ‖u − c‖², γ‖v − c‖²
+            floor = ROUNDING_FLOOR * torch.finfo(T1.dtype).eps
+            r = T1.shape[2]
+            row_aux = (left[..., r] * floor).contiguous()
+            col_aux = (right[:, :, r + 1] * floor).contiguous()
     for ti in range(left.shape[0]):
         i0, i1 = ti * rows, min(n, (ti + 1) * rows)
         for tj in range(right.shape[0]):

@@ -49,6 +49,7 @@ def keops_conv_mmv(
     T = v.shape[1]
     per_row = 2 * P * (T + T1.shape[2]) * T1.element_size()
     chunk = n if math.isinf(max_mem) else int(max(1, min(n, max_mem // per_row)))
+    T2 = T2.contiguous()
     vj = LazyTensor(v.contiguous()[None, None, :, :])
     out = T1.new_empty(n, T)
     for i0 in range(0, n, chunk):
