@@ -33,15 +33,27 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .ops.dense import _unit_rows, patch_kernel_pairs
+from .ops.dense import COMPILE_MIN_EVALS, _unit_rows, compiled_fn
 
 # Distances (laplace) or sines (ntk) below this, relative to the patch scale, count as zero:
 # the gradient there is the subgradient 0, and it keeps 1/distance finite.
 ZERO_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}
 
 
+def distance_weights(inner, un, vn, kind: str, sigma: float, tol: float) -> torch.Tensor:
+    """Q from inner products ⟨u, v⟩ and squared norms: κ/σ² (gaussian) or κ/(σ‖u − v‖)
+    (laplace, 0 where ‖u − v‖ ≤ tol·√(‖u‖² + ‖v‖²)). One pure expression, for ``torch.compile``."""
+    sqdist = torch.clamp_min(un.unsqueeze(2) + vn.unsqueeze(1) - 2 * inner, 0)
+    if kind == "gaussian":
+        return torch.exp(sqdist / (-2 * sigma**2)) / sigma**2
+    dist = torch.sqrt(sqdist)
+    nonzero = dist > tol * torch.sqrt(un.unsqueeze(2) + vn.unsqueeze(1))
+    return torch.where(nonzero, torch.exp(-dist / sigma) / (sigma * torch.clamp_min(dist, 1e-30)), 0.0)
+
+
 def gradient_weights(U: torch.Tensor, V: torch.Tensor, kind: str, sigma: float):
-    """(ũ, Ṽ, Q, S) for rows U (p, n, r) and centres V (p, m, r): see the module docstring."""
+    """(ũ, Ṽ, Q, S) for rows U (p, n, r) and centres V (p, m, r): see the module docstring.
+    S is None for the distance kernels, where S = −Q."""
     tol = ZERO_RTOL.get(U.dtype, 1e-3)
     if kind == "ntk":
         a, Uh = _unit_rows(U)
@@ -58,16 +70,9 @@ def gradient_weights(U: torch.Tensor, V: torch.Tensor, kind: str, sigma: float):
         return Uh, Vh, Q, S
     centre = V.mean(dim=1, keepdim=True)  # distances are translation invariant; less cancellation
     U, V = U - centre, V - centre
-    un, vn = U.pow(2).sum(-1), V.pow(2).sum(-1)
-    sqdist = (un.unsqueeze(2) + vn.unsqueeze(1) - 2 * torch.bmm(U, V.transpose(1, 2))).clamp_min_(0)
-    if kind == "gaussian":
-        Q = torch.exp(sqdist / (-2 * sigma**2)) / sigma**2
-    else:
-        dist = sqdist.sqrt_()
-        scale = (un.unsqueeze(2) + vn.unsqueeze(1)).sqrt_()
-        nonzero = dist > tol * scale
-        Q = torch.where(nonzero, torch.exp(-dist / sigma) / (sigma * dist.clamp_min(1e-300)), torch.zeros_like(dist))
-    return U, V, Q, -Q
+    inner = torch.bmm(U, V.transpose(1, 2))
+    weights = compiled_fn(distance_weights) if inner.numel() >= COMPILE_MIN_EVALS else distance_weights
+    return U, V, weights(inner, U.pow(2).sum(-1), V.pow(2).sum(-1), kind, sigma, tol), None
 
 
 def transformed_gradients(U, V, alpha, kind: str, sigma: float) -> torch.Tensor:
@@ -77,6 +82,8 @@ def transformed_gradients(U, V, alpha, kind: str, sigma: float) -> torch.Tensor:
     C = alpha.shape[1]
     weighted = (alpha.unsqueeze(2) * Vt.unsqueeze(2)).reshape(p, m, C * r)  # α_o ⊙ Ṽ
     g = torch.bmm(Q, weighted).view(p, -1, C, r)
+    if S is None:  # S = −Q
+        return g.sub_(torch.matmul(Q, alpha).unsqueeze(3) * Ut.unsqueeze(2))
     return g.add_(torch.matmul(S, alpha).unsqueeze(3) * Ut.unsqueeze(2))
 
 

@@ -30,13 +30,7 @@ requires_keops = pytest.mark.skipif(
 )
 
 
-def make_options(**kwargs):
-    """The options class the kernel expects: falkon.FalkonOptions with Falkon, else KernelOptions."""
-    if HAS_FALKON:
-        import falkon
-
-        return falkon.FalkonOptions(**kwargs)
-    return falkon_convrfm.KernelOptions(**kwargs)
+from falkon_convrfm._compat import make_options  # noqa: E402  (FalkonOptions or KernelOptions)
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +52,13 @@ def rng():
 def options():
     """Factory for the right options class (see :func:`make_options`)."""
     return make_options
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny problems: one intra-op thread is faster than two, and much faster on a shared
+    (oversubscribed) machine. Restored afterwards. Use with ``pytest.mark.usefixtures``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

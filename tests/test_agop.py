@@ -32,14 +32,7 @@ TINY = torch.finfo(torch.float64).tiny
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is faster than two, and much faster on a shared
-    (oversubscribed) machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -323,3 +316,25 @@ def test_patch_agop_empty_rows_raise():
     kernel, M, weights, sigma, Z, alpha, X = generic_problem(GENERIC[0], "laplace")
     with pytest.raises(ValueError, match="at least one row"):
         patch_agop(kernel, Z, alpha, X[:0])
+
+
+@pytest.mark.parametrize("kind", ["laplace", "gaussian"])
+def test_compiled_distance_weights_match_eager(kind, monkeypatch):
+    """Large chunks run the torch.compile'd distance weights; they equal the eager ones."""
+    from falkon_convrfm import agop
+    from falkon_convrfm.kernel import ConvMahalanobisKernel
+    from falkon_convrfm.ops import dense
+
+    if not (dense.COMPILE_ENABLED and dense.TORCH_COMPILE_OK):
+        pytest.skip("torch.compile disabled here")
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 2 * 7 * 7, generator=gen, dtype=torch.float64)
+    Z = torch.randn(5, 2 * 7 * 7, generator=gen, dtype=torch.float64)
+    Z[0] = X[0]  # zero distances too
+    alpha = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    k = ConvMahalanobisKernel(None, (2, 7, 7), 3, kernel=kind, sigma=2.0)
+    eager = agop.patch_agop(k, Z, alpha, X)[0]
+    monkeypatch.setattr(agop, "COMPILE_MIN_EVALS", 0)
+    fast = agop.patch_agop(k, Z, alpha, X)[0]
+    assert not dense._COMPILE_FAILED
+    assert torch.allclose(fast, eager, rtol=1e-10, atol=1e-14 * eager.abs().max())

@@ -16,14 +16,7 @@ import torch.nn.functional as F
 from falkon_convrfm.cnfa import _pearson, cnfa_correlation, conv_patch_agop
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is faster than two, and much faster on a shared
-    (oversubscribed) machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 N_OUT = 4

@@ -21,14 +21,7 @@ from falkon_convrfm.collapse import nc1, nc2
 from falkon_convrfm.deep import DeepConvRFM, DeepRFM, LayerSpec, conv_feature_map, map_rows, random_conv_filters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is faster than two, and much faster on a shared
-    (oversubscribed) machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SimulatedKill(Exception):

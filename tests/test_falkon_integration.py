@@ -182,3 +182,26 @@ def test_falkon_float32_fit(digits, monkeypatch):
     assert pred.dtype == torch.float32 and torch.isfinite(pred).all()
     acc = (pred.argmax(1) == yte).double().mean().item()
     assert acc > 0.90, acc
+
+
+def test_knm_is_computed_once_per_fit(monkeypatch):
+    """The estimators' Falkon options store K_nm (whatever the row length), so the CG
+    iterations reuse it: the kernel is evaluated on about n·m + m² entries per fit, not
+    maxiter·n·m."""
+    from falkon_convrfm import ConvMahalanobisKernel
+    from falkon_convrfm.solvers import fit_kernel_machine, solver_options
+
+    evaluated = []
+    original = ConvMahalanobisKernel.compute
+
+    def counting(self, X1, X2, out, diag, **kwargs):
+        evaluated.append(X1.shape[0] * X2.shape[0])
+        return original(self, X1, X2, out, diag, **kwargs)
+
+    monkeypatch.setattr(ConvMahalanobisKernel, "compute", counting)
+    n, m = 300, 60
+    X = torch.rand(n, 64)
+    Y = torch.nn.functional.one_hot(torch.arange(n) % 3).float()
+    k = ConvMahalanobisKernel(None, (1, 8, 8), 3, opt=solver_options())
+    fit_kernel_machine(k, X, Y, torch.arange(m), 1e-3, "falkon", maxiter=15, options=solver_options())
+    assert 0 < sum(evaluated) <= n * m + 2 * m * m, (sum(evaluated), n * m)

@@ -251,17 +251,22 @@ def test_compiled_path_matches_naive(kind, dtype, monkeypatch, rng):
     k = ConvMahalanobisKernel(M, shape, q, stride, padding, kind, sigma=5.0, weights=weights)
     K_ref = naive.conv_kernel(X1, X2, shape, q, stride, padding, kind, 5.0, M, weights)
 
-    compiled = dense._compiled_tile_fn()
+    real = dense.compiled_fn
     calls = []
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].dtype)
-        return compiled(*args, **kwargs)
+    def spy(fn):
+        fast = real(fn)
 
-    monkeypatch.setitem(dense._COMPILED, "fn", spy)
+        def run(*args, **kwargs):
+            calls.append(args[0].dtype)
+            return fast(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(dense, "compiled_fn", spy)
     out = k.compute(X1, X2, X1.new_empty(N1, N2), diag=False)
     assert calls and set(calls) == {dtype}, "compiled tile function was not used"
-    assert not dense._COMPILED.get("failed"), "torch.compile failed and fell back to eager"
+    assert not dense._COMPILE_FAILED, "torch.compile failed and fell back to eager"
     assert naive.relative_error(out, K_ref) <= TOL[dtype]
     assert naive.relative_error(k(X1, X2), K_ref) <= TOL[dtype]
 

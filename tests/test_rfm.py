@@ -25,14 +25,7 @@ TIME_KEYS = ("time_fit", "time_eval", "time_agop", "time_update")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is faster than two, and much faster on a shared
-    (oversubscribed) machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------
 # Data

@@ -12,6 +12,7 @@ and a GEMV over locations into ~128×128 output tiles that stay in cache.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -151,26 +152,27 @@ def tile_kernel_sum(left, right, row_aux, col_aux, weights, kind: str) -> torch.
     return torch.einsum("p,pij->ij", weights, K)
 
 
-_COMPILED = {}
+_COMPILE_FAILED = []
 
 
-def _compiled_tile_fn():
-    """``tile_kernel_sum`` through ``torch.compile``; eager if compilation is unavailable."""
-    if "fn" not in _COMPILED:
-        compiled = torch.compile(tile_kernel_sum, dynamic=False)
+@functools.lru_cache(maxsize=None)
+def compiled_fn(fn):
+    """``fn`` through ``torch.compile`` (static shapes), falling back to eager ``fn`` for good,
+    with one warning, if compilation does not work here (no C++ toolchain, ...)."""
+    fast = torch.compile(fn, dynamic=False)
 
-        def run(*args, **kwargs):
-            if _COMPILED.get("failed"):
-                return tile_kernel_sum(*args, **kwargs)
-            try:
-                return compiled(*args, **kwargs)
-            except Exception as exc:  # no C++ toolchain, unsupported platform, ...
-                _COMPILED["failed"] = True
-                warnings.warn(f"torch.compile failed ({exc!r:.200}); using the eager tile loop", stacklevel=2)
-                return tile_kernel_sum(*args, **kwargs)
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if _COMPILE_FAILED or not COMPILE_ENABLED or not TORCH_COMPILE_OK:
+            return fn(*args, **kwargs)
+        try:
+            return fast(*args, **kwargs)
+        except Exception as exc:
+            _COMPILE_FAILED.append(exc)
+            warnings.warn(f"torch.compile failed ({exc!r:.200}); using eager torch", stacklevel=2)
+            return fn(*args, **kwargs)
 
-        _COMPILED["fn"] = run
-    return _COMPILED["fn"]
+    return run
 
 
 def _use_compiled(n: int, m: int, P: int) -> bool:
@@ -195,11 +197,11 @@ def conv_kernel_matrix(
     m = T2.shape[1]
     if out is None:
         out = T1.new_empty(n, m)
-    compiled = _use_compiled(n, m, P)
-    rows, cols = (TILE_ROWS, TILE_COLS) if compiled else (_balanced(n, TILE_ROWS), _balanced(m, TILE_COLS))
+    use_compiled = _use_compiled(n, m, P)
+    rows, cols = (TILE_ROWS, TILE_COLS) if use_compiled else (_balanced(n, TILE_ROWS), _balanced(m, TILE_COLS))
     chunk = max(1, TILE_ELEMENTS // (rows * cols))
-    chunk = chunk if compiled else min(chunk, P)
-    tile_fn = _compiled_tile_fn() if compiled else tile_kernel_sum
+    chunk = chunk if use_compiled else min(chunk, P)
+    tile_fn = compiled_fn(tile_kernel_sum) if use_compiled else tile_kernel_sum
     row_aux = col_aux = None
     if kind == "ntk":
         a, U = _unit_rows(T1)
