@@ -13,7 +13,6 @@ the RSS increase during the fit (sampled every 5 ms) is compared with the budget
     python benchmarks/kernel_throughput.py [--threads 2] [--n 1000] [--skip-memory]
 """
 import argparse
-import math
 import time
 
 import torch

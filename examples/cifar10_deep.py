@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-import falkon_convrfm as fc
 from falkon_convrfm.deep import DeepConvRFM, LayerSpec
 from falkon_convrfm.memory import peak_rss
 

@@ -256,7 +256,7 @@ class DeepConvRFM(BaseEstimator):
             return None
         state = torch.load(path, weights_only=False)
         if state["fingerprint"] != fingerprint:
-            warnings.warn(f"Ignoring {path}: it was made with other data or layers")
+            warnings.warn(f"Ignoring {path}: it was made with other data or layers", stacklevel=3)
             return None
         return state
 

@@ -7,7 +7,6 @@ data in-core).
 """
 from __future__ import annotations
 
-import math
 
 from .ops.dense import TILE_ELEMENTS
 from .patches import PatchGeometry

@@ -281,7 +281,7 @@ class ConvRFM(BaseEstimator):
             self.preprocessor_.fit(Xtr.reshape(-1, *image_shape))
             Xtr, Xval = (preprocess_rows(self.preprocessor_, t, image_shape) for t in (Xtr, Xval))
         if Xval.shape[0] == 0:
-            warnings.warn("No validation data: the last iterate is kept (best_iteration_ = iterations)")
+            warnings.warn("No validation data: the last iterate is kept (best_iteration_ = iterations)", stacklevel=2)
         Xtr, Ytr, Xval, Yval = (t.to(device) for t in (Xtr, Ytr, Xval, Yval))
         n = Xtr.shape[0]
         centre_idx = torch.randperm(n, generator=gen)[: min(self.n_centres, n)].sort().values
@@ -372,7 +372,7 @@ class ConvRFM(BaseEstimator):
             return None
         state = torch.load(path, weights_only=False)
         if state["fingerprint"] != fingerprint or state["params"] != self._checkpoint_params():
-            warnings.warn(f"Ignoring checkpoint {path}: it was made with other data or parameters")
+            warnings.warn(f"Ignoring checkpoint {path}: it was made with other data or parameters", stacklevel=3)
             return None
         return state
 

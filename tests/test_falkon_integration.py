@@ -125,7 +125,7 @@ DIGITS_CENTRES = 200
 
 @pytest.fixture(scope="module")
 def digits():
-    sklearn = pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
