@@ -1,7 +1,8 @@
 """Memory planner vs measured peak memory of ConvRFM fits on this CPU.
 
 For each size, fits ConvRFM (Falkon solver, CIFAR geometry, one update) on random CIFAR-shaped
-data and samples the process RSS every 5 ms. The planner's peak (everything except the data,
+data and samples the process RSS every 5 ms, after a warm-up fit that loads and compiles
+everything once. The planner's peak (everything except the data,
 which is resident before the fit starts) is compared with the measured RSS increase.
 
     python benchmarks/memory_plan_check.py [--sizes 2000:500 4000:1000]
@@ -15,7 +16,7 @@ from falkon_convrfm.memory import peak_rss
 from falkon_convrfm.planning import format_plan, plan_memory
 
 
-def check(n: int, centres: int, agop_samples: int, n_val: int = 500) -> dict:
+def fit(n: int, centres: int, agop_samples: int, n_val: int):
     torch.manual_seed(0)
     X = torch.rand(n + n_val, 3, 32, 32)
     y = torch.randint(10, (n + n_val,))
@@ -23,6 +24,12 @@ def check(n: int, centres: int, agop_samples: int, n_val: int = 500) -> dict:
                        agop_samples=agop_samples, solver="falkon", maxiter=10, progress=False, random_state=0)
     with peak_rss() as mem:
         model.fit(X[:n], y[:n], X[n:], y[n:])
+    return mem
+
+
+def check(n: int, centres: int, agop_samples: int, n_val: int = 500) -> dict:
+    fit(2 * centres, centres, agop_samples, n_val)  # warm-up: torch.compile and library loading are not the fit's
+    mem = fit(n, centres, agop_samples, n_val)
     plan = plan_memory(n, (3, 32, 32), 3, centres=centres, n_val=n_val, agop_samples=agop_samples,
                        device_memory=64 * 2**30)
     predicted = plan["peak"] - plan["phases"]["data"]

@@ -99,6 +99,27 @@ def patch_gradients(kernel, centres: torch.Tensor, alpha: torch.Tensor, X: torch
     return torch.einsum("p,pncr,dr->npcd", weights, g, factor)
 
 
+def _per_pair(m: int, r: int, C: int) -> int:
+    """Temporaries per (location, row) of a chunk, in elements: inner products and Q (m each),
+    the gradients and their product with Ũ (C·r each), Ũ (r)."""
+    return 2 * m + 2 * C * r + r
+
+
+def agop_chunks(n: int, P: int, m: int, r: int, C: int, itemsize: int, max_mem: float):
+    """(rows, locations) per chunk so that the chunk's temporaries fit in ``max_mem`` bytes."""
+    per_pair = _per_pair(m, r, C) * itemsize
+    rows = int(max(1, min(n, max_mem // (per_pair * min(P, 8)))))
+    return rows, int(max(1, min(P, max_mem // (per_pair * rows))))
+
+
+def agop_memory(n: int, P: int, m: int, r: int, C: int, itemsize: int, max_mem: float = 2**30) -> int:
+    """Peak bytes of :func:`patch_agop`: transformed centres and one row chunk (P·(m + rows)·r),
+    the per-location accumulators (float64), the chunk's temporaries and α ⊙ Ṽ."""
+    rows, locs = agop_chunks(n, P, m, r, C, itemsize, max_mem)
+    return int((P * (m + rows) * r + locs * rows * _per_pair(m, r, C) + locs * m * C * r) * itemsize
+               + P * r * r * 8)
+
+
 def patch_agop(
     kernel,
     centres: torch.Tensor,
@@ -122,10 +143,7 @@ def patch_agop(
     P, m, r = Tz.shape
     C = alpha.shape[1]
     n = X.shape[0]
-    # per (location, row): Q, S, bmm operands and output ≈ (4 + C) m + 3 C r elements
-    per_pair = ((4 + C) * m + 3 * C * r) * X.element_size()
-    rows = int(max(1, min(n, max_mem // (per_pair * min(P, 8)))))
-    locs = int(max(1, min(P, max_mem // (per_pair * rows))))
+    rows, locs = agop_chunks(n, P, m, r, C, X.element_size(), max_mem)
     Gp = torch.zeros(P, r, r, dtype=torch.float64, device=X.device)
     with tqdm(total=n, desc="patch AGOP", unit="img", disable=not progress) as bar:
         for i0 in range(0, n, rows):

@@ -173,10 +173,10 @@ class ConvMahalanobisKernel(_KernelBase):
         raise TypeError("ConvMahalanobisKernel needs dense image rows; sparse inputs are not supported")
 
     def extra_mem(self, is_differentiable, is_sparse, dtype, density1=None, density2=None):
-        """Temporaries of :meth:`compute` in elements: per row the conv output and its (P, r)
-        copy plus the padded GEMM operand (P, r + 2 rounded up to 8); tile buffers on top."""
+        """Temporaries of :meth:`compute` in elements: per row the conv output (P, r) and the
+        padded GEMM operand (P, r + 2 rounded up to 8); tile buffers on top."""
         P, r = self.geometry.num_locations, self.factor.shape[1]
-        per_row = P * (2 * r + (r + 2 + 7) // 8 * 8)
+        per_row = P * (r + (r + 2 + 7) // 8 * 8)
         return {"n": per_row, "m": per_row, "0": 3 * TILE_ELEMENTS}
 
     def _decide_mmv_impl(self, X1, X2, v, opt):

@@ -7,28 +7,22 @@ data in-core).
 """
 from __future__ import annotations
 
+import torch
 
-from .ops.dense import TILE_ELEMENTS
+from .agop import agop_memory
+from .kernel import ConvMahalanobisKernel
 from .patches import PatchGeometry
 
 BYTES = {"float32": 4, "float64": 8}
-AGOP_DEFAULT_BUDGET = 2**30
 
 
 def kernel_temporaries(geometry: PatchGeometry, rows: int, cols: int, rank: int, itemsize: int) -> int:
-    """Bytes of one ``compute`` call on a rows × cols block: per row the conv output and its
-    (P, r) copy plus the padded GEMM operand, and the tile buffers."""
-    per_row = geometry.num_locations * (2 * rank + (rank + 2 + 7) // 8 * 8)
-    return (per_row * (rows + cols) + 3 * TILE_ELEMENTS) * itemsize
-
-
-def agop_temporaries(geometry: PatchGeometry, centres: int, rank: int, outputs: int, itemsize: int,
-                     budget: float = AGOP_DEFAULT_BUDGET) -> int:
-    """Bytes of the AGOP pass: transformed centres, per-location accumulators, one chunk."""
-    P = geometry.num_locations
-    per_pair = ((4 + outputs) * centres + 3 * outputs * rank) * itemsize
-    chunk = min(budget, per_pair * P * max(1, budget // (per_pair * min(P, 8))))
-    return int(P * centres * rank * itemsize + P * rank * rank * 8 + chunk)
+    """Bytes of one ``compute`` call on a rows × cols block, from the kernel's ``extra_mem``."""
+    d = geometry.patch_dim
+    M = torch.eye(d, dtype=torch.float64)[:, :rank] @ torch.eye(d, dtype=torch.float64)[:rank]
+    kernel = ConvMahalanobisKernel(M, geometry.image_shape, geometry.patch_size, geometry.stride, geometry.padding)
+    extra = kernel.extra_mem(False, False, None)
+    return int((extra["n"] * rows + extra["m"] * cols + extra["0"]) * itemsize)
 
 
 def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, padding: int = 0,
@@ -56,7 +50,7 @@ def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, paddi
             "K_nm (stored)": n * m * s,
             "preconditioner": 2 * m * m * s,
             "kernel blocks": blocks,
-            "AGOP": agop_temporaries(geo, m, r, n_outputs, s),
+            "AGOP": agop_memory(min(agop_samples, n), geo.num_locations, m, r, n_outputs, s),
         }
         if feature_channels:
             ho, wo = geo.out_shape
@@ -64,8 +58,11 @@ def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, paddi
         return out
 
     def peak(ph: dict) -> int:
-        resident = ph["data"] + ph["centres"] + ph["K_nm (stored)"] + ph["preconditioner"] + ph.get("feature maps", 0)
-        return resident + max(ph["kernel blocks"], ph["AGOP"])
+        """Resident data, centres and feature maps, plus the larger of the solver phase (K_nm,
+        preconditioner, kernel blocks) and the AGOP phase (K_nm is released after each fit)."""
+        resident = ph["data"] + ph["centres"] + ph.get("feature maps", 0)
+        solver = ph["K_nm (stored)"] + ph["preconditioner"] + ph["kernel blocks"]
+        return resident + max(solver, ph["AGOP"])
 
     current = phases(centres)
     lo, hi = 0, max(centres, 1)
