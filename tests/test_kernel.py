@@ -658,7 +658,8 @@ def test_standalone_blocked_products(rng, monkeypatch):
     w = torch.from_numpy(rng.standard_normal((300, 2)))
     K = k(X1, X2)
     extra = k.extra_mem(False, False, torch.float64)
-    opt = falkon_convrfm.KernelOptions(max_cpu_mem=8.0 * (extra["0"] + 600_000))
+    # room for ~60 full rows of K(X1, X2) with their temporaries: several blocks either way
+    opt = falkon_convrfm.KernelOptions(max_cpu_mem=8.0 * (extra["0"] + 60 * (200 + extra["n"]) + 200 * extra["m"]))
 
     calls = []
     real = k.compute
