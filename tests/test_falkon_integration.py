@@ -55,11 +55,11 @@ def _count_compute(monkeypatch, k):
 
 @pytest.mark.parametrize("which", ["v,w", "v,None", "None,w"])
 def test_blocked_products_tiny_memory(blocked_problem, monkeypatch, which):
-    """max_cpu_mem=20 MB splits ~300×200 products into many blocks; results equal the
-    full-matrix products. ``None,w`` exercises dmmv(v=None) -- Kᵀw -- which the kernel's
-    docstring and its KeOps/standalone paths support."""
+    """A budget of ~60 rows of temporaries splits ~300×200 products into many blocks; results
+    equal the full-matrix products. ``None,w`` exercises dmmv(v=None) -- Kᵀw."""
     k, X1, X2, v, w, K = blocked_problem
-    opt = _options(max_cpu_mem=20e6)
+    extra = k.extra_mem(False, False, torch.float64)
+    opt = _options(max_cpu_mem=8.0 * (extra["0"] + 60 * (X2.shape[0] + extra["n"]) + X2.shape[0] * extra["m"]))
 
     calls = _count_compute(monkeypatch, k)
     Kv = k.mmv(X1, X2, v, opt=opt)
