@@ -247,13 +247,9 @@ class ConvRFM(BaseEstimator):
         return best[1], best[2]
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y, X_val=None, y_val=None):
-        """Fit on images X (see ``image_shape`` / ``channels_last``) and labels or targets y.
-
-        Validation data (for choosing the best iterate and for ``tune``) is ``X_val, y_val``
-        if given, else a stratified ``validation_fraction`` of X. Returns self.
-        """
-        self._check_params()
+    def _prepare(self, X, y, X_val, y_val):
+        """Validated, encoded, split, preprocessed data on the device, the image shape and the
+        seeded generator for the later random choices."""
         dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
         rows, image_shape = image_rows(X, self.image_shape, self.channels_last, dtype)
         PatchGeometry(image_shape, self.patch_size, self.stride, self.padding)  # geometry errors early
@@ -281,12 +277,22 @@ class ConvRFM(BaseEstimator):
             self.preprocessor_.fit(Xtr.reshape(-1, *image_shape))
             Xtr, Xval = (preprocess_rows(self.preprocessor_, t, image_shape) for t in (Xtr, Xval))
         if Xval.shape[0] == 0:
-            warnings.warn("No validation data: the last iterate is kept (best_iteration_ = iterations)", stacklevel=2)
+            warnings.warn("No validation data: the last iterate is kept (best_iteration_ = iterations)", stacklevel=3)
         Xtr, Ytr, Xval, Yval = (t.to(device) for t in (Xtr, Ytr, Xval, Yval))
+        self.classes_, self.image_shape_ = classes, image_shape
+        return Xtr, Ytr, Xval, Yval, image_shape, gen
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Fit on images X (see ``image_shape`` / ``channels_last``) and labels or targets y.
+
+        Validation data (for choosing the best iterate and for ``tune``) is ``X_val, y_val``
+        if given, else a stratified ``validation_fraction`` of X. Returns self.
+        """
+        self._check_params()
+        Xtr, Ytr, Xval, Yval, image_shape, gen = self._prepare(X, y, X_val, y_val)
         n = Xtr.shape[0]
         centre_idx = torch.randperm(n, generator=gen)[: min(self.n_centres, n)].sort().values
         agop_idx = torch.randperm(n, generator=gen)[: min(self.agop_samples, n)].sort().values
-        self.classes_, self.image_shape_ = classes, image_shape
         d = PatchGeometry(image_shape, self.patch_size).patch_dim
         M, weights = fixed_metric(d, self.dc_weight), None
         self.sigma_, self.penalty_, self.tuning_ = self._initial_sigma(Xtr, M, image_shape, gen), float(self.penalty), []
