@@ -48,6 +48,14 @@ def location_weights(weights, num_locations: int) -> torch.Tensor:
     return w / w.sum()
 
 
+def compute_temporaries(num_locations: int, rank: int) -> dict:
+    """Elements that one ``compute`` call allocates, in Falkon's ``extra_mem`` form: per row of
+    either block the conv output (P, r) and the padded GEMM operand (P, r + 2 rounded up to 8),
+    plus the tile buffers."""
+    per_row = num_locations * (rank + (rank + 2 + 7) // 8 * 8)
+    return {"n": per_row, "m": per_row, "0": 3 * TILE_ELEMENTS}
+
+
 class ConvMahalanobisKernel(_KernelBase):
     r"""Aligned-patch convolutional kernel with a learned patch metric M.
 
@@ -173,11 +181,8 @@ class ConvMahalanobisKernel(_KernelBase):
         raise TypeError("ConvMahalanobisKernel needs dense image rows; sparse inputs are not supported")
 
     def extra_mem(self, is_differentiable, is_sparse, dtype, density1=None, density2=None):
-        """Temporaries of :meth:`compute` in elements: per row the conv output (P, r) and the
-        padded GEMM operand (P, r + 2 rounded up to 8); tile buffers on top."""
-        P, r = self.geometry.num_locations, self.factor.shape[1]
-        per_row = P * (r + (r + 2 + 7) // 8 * 8)
-        return {"n": per_row, "m": per_row, "0": 3 * TILE_ELEMENTS}
+        """Temporaries of :meth:`compute` in elements, see :func:`compute_temporaries`."""
+        return compute_temporaries(self.geometry.num_locations, self.factor.shape[1])
 
     def _decide_mmv_impl(self, X1, X2, v, opt):
         if self._use_keops(X1, opt):

@@ -7,21 +7,16 @@ data in-core).
 """
 from __future__ import annotations
 
-import torch
-
 from .agop import agop_memory
-from .kernel import ConvMahalanobisKernel
+from .kernel import compute_temporaries
 from .patches import PatchGeometry
 
 BYTES = {"float32": 4, "float64": 8}
 
 
 def kernel_temporaries(geometry: PatchGeometry, rows: int, cols: int, rank: int, itemsize: int) -> int:
-    """Bytes of one ``compute`` call on a rows × cols block, from the kernel's ``extra_mem``."""
-    d = geometry.patch_dim
-    M = torch.eye(d, dtype=torch.float64)[:, :rank] @ torch.eye(d, dtype=torch.float64)[:rank]
-    kernel = ConvMahalanobisKernel(M, geometry.image_shape, geometry.patch_size, geometry.stride, geometry.padding)
-    extra = kernel.extra_mem(False, False, None)
+    """Bytes of one ``compute`` call on a rows × cols block (the kernel's ``extra_mem``)."""
+    extra = compute_temporaries(geometry.num_locations, rank)
     return int((extra["n"] * rows + extra["m"] * cols + extra["0"]) * itemsize)
 
 
