@@ -10,74 +10,27 @@ treated as an independent variable:
 
     G = \frac1n Σ_i Σ_p Σ_o ∇_{x_p} f_o(x_i)\, ∇_{x_p} f_o(x_i)ᵀ = L \Big(Σ_p \tilde G_p\Big) Lᵀ
 
-In the transformed space every base kernel's gradient has the GEMM shape
+In the transformed space every base kernel's gradient has the GEMM shape (the weights Q, S
+and the vectors ũ, Ṽ come from the base kernel's ``gradient_weights``,
+:mod:`falkon_convrfm.base_kernels`)
 
 .. math::  \tilde g_{po}(x_i) = (Q_p (α_o ⊙ \tilde V_p))_i + (S_p α)_{io}\, \tilde u_i
 
-with weight matrices (n × m per location):
-
-- laplace:  Q = κ/(σ‖u − v‖) (0 at zero distance), S = −Q, ũ = u, Ṽ = V;
-- gaussian: Q = κ/σ², S = −Q, ũ = u, Ṽ = V;
-- ntk (θ the angle, c = cos θ, s = sin θ, a = ‖u‖, b = ‖v‖, hats unit vectors):
-  ∇_u κ = (κ/a) û + (b/π)(2(π − θ) + c/s)(v̂ − c û), so Q = (b/π)(2(π − θ) + c/s),
-  S = κ/a − Q c, ũ = û, Ṽ = V̂; the c/s term is 0 where s = 0 (aligned patches: the
-  symmetric subgradient of the kink) and the gradient is 0 for a zero patch.
-
+with weight matrices Q_p, S_p (n × m per location) whose formulas each base kernel documents,
 so a chunk of rows × locations costs two batched GEMMs against the centres. Rows may be
 any images (the AGOP is usually estimated on a random subset of the training set).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 
-from .ops.dense import COMPILE_MIN_EVALS, _unit_rows, compiled_fn
 
-# Distances (laplace) or sines (ntk) below this, relative to the patch scale, count as zero:
-# the gradient there is the subgradient 0, and it keeps 1/distance finite.
-ZERO_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}
-
-
-def distance_weights(inner, un, vn, kind: str, sigma: float, tol: float) -> torch.Tensor:
-    """Q from inner products ⟨u, v⟩ and squared norms: κ/σ² (gaussian) or κ/(σ‖u − v‖)
-    (laplace, 0 where ‖u − v‖ ≤ tol·√(‖u‖² + ‖v‖²)). One pure expression, for ``torch.compile``."""
-    sqdist = torch.clamp_min(un.unsqueeze(2) + vn.unsqueeze(1) - 2 * inner, 0)
-    if kind == "gaussian":
-        return torch.exp(sqdist / (-2 * sigma**2)) / sigma**2
-    dist = torch.sqrt(sqdist)
-    nonzero = dist > tol * torch.sqrt(un.unsqueeze(2) + vn.unsqueeze(1))
-    return torch.where(nonzero, torch.exp(-dist / sigma) / (sigma * torch.clamp_min(dist, 1e-30)), 0.0)
-
-
-def gradient_weights(U: torch.Tensor, V: torch.Tensor, kind: str, sigma: float):
-    """(ũ, Ṽ, Q, S) for rows U (p, n, r) and centres V (p, m, r): see the module docstring.
-    S is None for the distance kernels, where S = −Q."""
-    tol = ZERO_RTOL.get(U.dtype, 1e-3)
-    if kind == "ntk":
-        a, Uh = _unit_rows(U)
-        b, Vh = _unit_rows(V)
-        c = torch.bmm(Uh, Vh.transpose(1, 2)).clamp_(-1.0, 1.0)
-        s = (1 - c * c).clamp_min_(0).sqrt_()
-        theta = torch.acos(c)
-        kappa = a.unsqueeze(2) * b.unsqueeze(1) * (2 * c * (math.pi - theta) + s) / math.pi
-        ratio = torch.where(s > tol, c / s.clamp_min(tol), torch.zeros_like(c))
-        Q = b.unsqueeze(1) / math.pi * (2 * (math.pi - theta) + ratio)
-        inv_a = torch.where(a > 0, 1 / a.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
-        S = kappa * inv_a.unsqueeze(2) - Q * c
-        Q = Q * (a > 0).unsqueeze(2)
-        return Uh, Vh, Q, S
-    centre = V.mean(dim=1, keepdim=True)  # distances are translation invariant; less cancellation
-    U, V = U - centre, V - centre
-    inner = torch.bmm(U, V.transpose(1, 2))
-    weights = compiled_fn(distance_weights) if inner.numel() >= COMPILE_MIN_EVALS else distance_weights
-    return U, V, weights(inner, U.pow(2).sum(-1), V.pow(2).sum(-1), kind, sigma, tol), None
-
-
-def transformed_gradients(U, V, alpha, kind: str, sigma: float) -> torch.Tensor:
-    """g̃ (p, n, C, r): Σ_j α_jo ∇_u κ(U[p, i], V[p, j]) for every location, row and output."""
-    Ut, Vt, Q, S = gradient_weights(U, V, kind, sigma)
+def transformed_gradients(U, V, alpha, base, sigma: float) -> torch.Tensor:
+    """g̃ (p, n, C, r): Σ_j α_jo ∇_u κ(U[p, i], V[p, j]) for every location, row and output, from
+    the base kernel's gradient weights (Ũ, Ṽ, Q, S): g̃ = Q (α_o ⊙ Ṽ) + (S α) ũ, with S = −Q when
+    the base kernel returns S = None."""
+    Ut, Vt, Q, S = base.gradient_weights(U, V, sigma)
     p, m, r = Vt.shape
     C = alpha.shape[1]
     weighted = (alpha.unsqueeze(2) * Vt.unsqueeze(2)).reshape(p, m, C * r)  # α_o ⊙ Ṽ
@@ -94,8 +47,8 @@ def _as_2d(alpha: torch.Tensor) -> torch.Tensor:
 def patch_gradients(kernel, centres: torch.Tensor, alpha: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """∇_{x_p} f_o(x_i) for all rows, locations and outputs, shape (n, P, C, d). Small inputs only."""
     alpha = _as_2d(alpha).to(X.dtype)
-    factor, weights = kernel._cast(X)
-    g = transformed_gradients(kernel.transform(X), kernel.transform(centres), alpha, kernel.base_kernel, kernel.sigma)
+    factor, weights = kernel.factor_and_weights(X)
+    g = transformed_gradients(kernel.patch_features(X), kernel.patch_features(centres), alpha, kernel.base, kernel.sigma)
     return torch.einsum("p,pncr,dr->npcd", weights, g, factor)
 
 
@@ -138,8 +91,8 @@ def patch_agop(
     alpha = _as_2d(alpha).to(X.dtype)
     if X.shape[0] == 0:
         raise ValueError("patch_agop needs at least one row of X")
-    factor, weights = kernel._cast(X)
-    Tz = kernel.transform(centres)  # (P, m, r)
+    factor, weights = kernel.factor_and_weights(X)
+    Tz = kernel.patch_features(centres)  # (P, m, r)
     P, m, r = Tz.shape
     C = alpha.shape[1]
     n = X.shape[0]
@@ -147,10 +100,10 @@ def patch_agop(
     Gp = torch.zeros(P, r, r, dtype=torch.float64, device=X.device)
     with tqdm(total=n, desc="patch AGOP", unit="img", disable=not progress) as bar:
         for i0 in range(0, n, rows):
-            Tx = kernel.transform(X[i0 : i0 + rows])
+            Tx = kernel.patch_features(X[i0 : i0 + rows])
             for p0 in range(0, P, locs):
                 sl = slice(p0, p0 + locs)
-                g = transformed_gradients(Tx[sl], Tz[sl], alpha, kernel.base_kernel, kernel.sigma)
+                g = transformed_gradients(Tx[sl], Tz[sl], alpha, kernel.base, kernel.sigma)
                 g = g.mul_(weights[sl].view(-1, 1, 1, 1)).reshape(g.shape[0], -1, r)
                 Gp[sl] += torch.bmm(g.transpose(1, 2), g).double()
             bar.update(Tx.shape[1])

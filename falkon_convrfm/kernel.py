@@ -7,33 +7,20 @@ x_p ↦ Lᵀx_p (a conv2d of the image with Lᵀ), and κ is the Euclidean formu
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ._compat import HAS_FALKON, FalkonKernelBase, make_options, keops_available
+from ._compat import HAS_FALKON, FalkonKernelBase, make_options
 from ._standalone import StandaloneKernel
+from .base_kernels import base_kernel
 from .metric import as_metric, metric_factor
-from .ops import BASE_KERNELS, conv_kernel_diag, conv_kernel_matrix, keops_conv_mmv
-from .ops.dense import TILE_ELEMENTS
+from .ops import choose_backend, conv_kernel_diag, conv_kernel_matrix, dense_memory, keops_conv_mmv, keops_memory
+from .ops.backends import BACKENDS
+from .ops.keops import rows_within
 from .patches import PatchGeometry
+from .validation import as_tensor, check_finite, check_sigma
 
 _KernelBase = FalkonKernelBase if HAS_FALKON else StandaloneKernel
-
-
-def as_tensor(X, name: str) -> torch.Tensor:
-    """torch tensors pass through, numpy arrays are wrapped; anything else is a TypeError."""
-    if isinstance(X, torch.Tensor):
-        return X
-    if isinstance(X, np.ndarray):
-        return torch.from_numpy(X)
-    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(X).__name__}")
-
-
-def check_finite(X: torch.Tensor, name: str, rows_per_chunk: int = 4096) -> None:
-    """ValueError if X holds NaN or Inf (checked in row chunks, no full-size temporary)."""
-    for i in range(0, X.shape[0], rows_per_chunk):
-        if not torch.isfinite(X[i : i + rows_per_chunk]).all():
-            raise ValueError(f"{name} contains NaN or Inf")
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def location_weights(weights, num_locations: int) -> torch.Tensor:
@@ -48,12 +35,12 @@ def location_weights(weights, num_locations: int) -> torch.Tensor:
     return w / w.sum()
 
 
-def compute_temporaries(num_locations: int, rank: int) -> dict:
-    """Elements that one ``compute`` call allocates, in Falkon's ``extra_mem`` form: per row of
-    either block the conv output (P, r) and the padded GEMM operand (P, r + 2 rounded up to 8),
-    plus the tile buffers."""
-    per_row = num_locations * (rank + (rank + 2 + 7) // 8 * 8)
-    return {"n": per_row, "m": per_row, "0": 3 * TILE_ELEMENTS}
+def median_patch_distance(T: torch.Tensor) -> float:
+    """Median distance between aligned patches of different rows, ‖T[p, i] − T[p, j]‖ for
+    consecutive rows i, j = i + 1 at every location (the bandwidth heuristic)."""
+    if T.shape[1] < 2:
+        raise ValueError("the median heuristic needs at least two rows")
+    return torch.linalg.vector_norm(T[:, 1:] - T[:, :-1], dim=-1).median().item()
 
 
 class ConvMahalanobisKernel(_KernelBase):
@@ -75,12 +62,16 @@ class ConvMahalanobisKernel(_KernelBase):
     M : (d, d) symmetric PSD tensor/array, or None for the identity (the fixed kernel).
     image_shape : (c, H, W).
     patch_size, stride, padding : patch geometry (zero padding).
-    kernel : ``"laplace"``, ``"gaussian"`` or ``"ntk"``.
+    kernel : ``"laplace"``, ``"gaussian"`` or ``"ntk"`` (see :mod:`falkon_convrfm.base_kernels`).
     sigma : bandwidth (Falkon's conventions), ignored by ``ntk``.
     weights : optional per-location weights ω (P,), non-negative; normalised to sum to 1.
     opt : ``falkon.FalkonOptions`` (or :class:`~falkon_convrfm.KernelOptions` without Falkon).
-        ``keops_active``: ``"auto"`` uses KeOps for CUDA data when pykeops imports,
-        ``"force"`` also on CPU, ``"no"`` never.
+        ``keops_active="force"`` makes KeOps evaluate kernel-vector products on any device;
+        ``"auto"`` lets ``backend="auto"`` use KeOps on CUDA only after a health check.
+    backend : ``"auto"`` (torch on CPU; the fused Triton kernel for float32 on CUDA), ``"torch"``,
+        ``"triton"`` or ``"keops"``; see :func:`falkon_convrfm.ops.choose_backend`.
+    precision : inner products in the Triton kernel: ``"ieee"`` (exact float32, default),
+        ``"tf32x3"`` (split TF32, close to float32) or ``"tf32"`` (fast, ~1e-4 relative).
     """
 
     def __init__(
@@ -94,33 +85,44 @@ class ConvMahalanobisKernel(_KernelBase):
         sigma: float = 1.0,
         weights=None,
         opt=None,
+        backend: str = "auto",
+        precision: str = "ieee",
     ):
         super().__init__("ConvMahalanobis", opt if opt is not None else make_options())
-        if kernel not in BASE_KERNELS:
-            raise ValueError(f"Unknown base kernel {kernel!r}; choose one of {BASE_KERNELS}")
-        if kernel != "ntk" and not (isinstance(sigma, (int, float)) and np.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        self.base = base_kernel(kernel)
+        if self.base.uses_sigma:
+            check_sigma(sigma)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.geometry = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
         d = self.geometry.patch_dim
         self.base_kernel = kernel
         self.sigma = float(sigma)
+        self.backend, self.precision = backend, precision
         self.metric = torch.eye(d, dtype=torch.float64) if M is None else as_metric(M, d)
         self.factor = metric_factor(self.metric)
         self.weights = location_weights(weights, self.geometry.num_locations)
         self._cast_cache = {}
 
-    # ------------------------------------------------------------------ helpers
-    def _cast(self, like: torch.Tensor):
-        """(L, ω) on ``like``'s device and dtype, cached."""
+    # ------------------------------------------------------------------ the transformed patches
+    def factor_and_weights(self, like: torch.Tensor):
+        """(L (d, r), ω (P,)) on ``like``'s device and dtype, cached."""
         key = (like.dtype, like.device)
         if key not in self._cast_cache:
             self._cast_cache[key] = (self.factor.to(like.device, like.dtype), self.weights.to(like.device, like.dtype))
         return self._cast_cache[key]
 
-    def transform(self, X: torch.Tensor) -> torch.Tensor:
-        """Lᵀx_p for every row and patch location, as (P, n, r)."""
-        factor, _ = self._cast(X)
-        return self.geometry.transform(X, factor)
+    def patch_features(self, X: torch.Tensor) -> torch.Tensor:
+        """Lᵀx_p for every row of X and patch location, as a (P, n, r) view."""
+        factor, _ = self.factor_and_weights(X)
+        return self.geometry.transformed_patches(X, factor)
+
+    def backend_for(self, X: torch.Tensor, opt=None) -> str:
+        """The backend that evaluates this kernel on data like ``X`` (see ``backend``)."""
+        mode = getattr(opt if opt is not None else self.params, "keops_active", "auto")
+        return choose_backend(self.backend, X.device.type, X.dtype, mode)
 
     def _check(self, **tensors) -> dict:
         """Convert and validate data arguments: image rows, dtypes, devices, finiteness."""
@@ -141,14 +143,6 @@ class ConvMahalanobisKernel(_KernelBase):
             check_finite(t, name)
         return out
 
-    def _use_keops(self, X: torch.Tensor, opt) -> bool:
-        mode = getattr(opt, "keops_active", "auto")
-        if mode == "force":
-            if not keops_available():
-                raise ImportError("keops_active='force' but pykeops is not importable: `pip install pykeops`")
-            return True
-        return mode == "auto" and X.device.type == "cuda" and keops_available()
-
     # ------------------------------------------------------------------ public API
     def __call__(self, X1, X2, diag=False, out=None, opt=None, **kwargs):
         c = self._check(X1=X1, X2=X2)
@@ -167,53 +161,71 @@ class ConvMahalanobisKernel(_KernelBase):
     # ------------------------------------------------------------------ Falkon's kernel contract
     def compute(self, X1: torch.Tensor, X2: torch.Tensor, out: torch.Tensor, diag: bool, **kwargs):
         """Fill ``out`` with K(X1, X2) (or its diagonal) for one block of rows, in place."""
-        _, weights = self._cast(X1)
-        T1, T2 = self.transform(X1), self.transform(X2)
+        _, weights = self.factor_and_weights(X1)
+        T1, T2 = self.patch_features(X1), self.patch_features(X2)
         if diag:
-            out.copy_(conv_kernel_diag(T1, T2, self.base_kernel, self.sigma, weights).reshape(out.shape))
+            out.copy_(conv_kernel_diag(T1, T2, self.base, self.sigma, weights).reshape(out.shape))
             return out
+        if self.backend_for(X1) == "triton":
+            from .ops.triton import triton_conv_matrix
+
+            return triton_conv_matrix(T1, T2, self.base, self.sigma, weights, out=out, precision=self.precision)
         if out.is_contiguous():
-            return conv_kernel_matrix(T1, T2, self.base_kernel, self.sigma, weights, out=out)
-        out.copy_(conv_kernel_matrix(T1, T2, self.base_kernel, self.sigma, weights))
+            return conv_kernel_matrix(T1, T2, self.base, self.sigma, weights, out=out)
+        out.copy_(conv_kernel_matrix(T1, T2, self.base, self.sigma, weights))
         return out
 
     def compute_sparse(self, X1, X2, out, diag, **kwargs):
         raise TypeError("ConvMahalanobisKernel needs dense image rows; sparse inputs are not supported")
 
     def extra_mem(self, is_differentiable, is_sparse, dtype, density1=None, density2=None):
-        """Temporaries of :meth:`compute` in elements, see :func:`compute_temporaries`."""
-        return compute_temporaries(self.geometry.num_locations, self.factor.shape[1])
+        """Temporaries of :meth:`compute` in elements: the torch backend's (see
+        :func:`~falkon_convrfm.ops.dense_memory`), which bound the Triton backend's too."""
+        return dense_memory(self.geometry.num_locations, self.factor.shape[1])
 
     def _decide_mmv_impl(self, X1, X2, v, opt):
-        if self._use_keops(X1, opt):
-            return self._keops_mmv
+        if self.backend_for(X1, opt) != "torch":
+            return self._direct_mmv
         return super()._decide_mmv_impl(X1, X2, v, opt)
 
     def _decide_dmmv_impl(self, X1, X2, v, w, opt):
-        if self._use_keops(X1, opt):
-            return self._keops_dmmv
+        if self.backend_for(X1, opt) != "torch":
+            return self._direct_dmmv
         return super()._decide_dmmv_impl(X1, X2, v, w, opt)
 
-    def _keops_mmv(self, X1, X2, v, kernel=None, out=None, opt=None, **_):
-        """K(X1, X2) v through KeOps, patch location as the batch dimension."""
-        _, weights = self._cast(X1)
+    def _direct_mmv(self, X1, X2, v, kernel=None, out=None, opt=None, **_):
+        """K(X1, X2) v without materialising K (Triton or KeOps), in row chunks of X1 whose
+        temporaries fit ``max_gpu_mem`` / ``max_cpu_mem``."""
+        _, weights = self.factor_and_weights(X1)
         budget = opt.max_gpu_mem if X1.device.type == "cuda" else opt.max_cpu_mem
-        res = keops_conv_mmv(
-            self.transform(X1), self.transform(X2), v, self.base_kernel, self.sigma, weights, budget
-        )
-        return res if out is None else out.copy_(res)
+        T2 = self.patch_features(X2)
+        P, r = T2.shape[0], T2.shape[2]
+        if self.backend_for(X1, opt) == "keops":
+            res = keops_conv_mmv(self.patch_features(X1), T2, v, self.base, self.sigma, weights, budget)
+            return res if out is None else out.copy_(res)
+        from .ops.triton import triton_conv_mmv, triton_memory
 
-    def _keops_dmmv(self, X1, X2, v, w, kernel=None, out=None, opt=None, **_):
-        """K(X1, X2)ᵀ (K(X1, X2) v + w) as two KeOps products."""
-        inner = self._keops_mmv(X1, X2, v, opt=opt) if v is not None else 0
+        n, m, itemsize = X1.shape[0], X2.shape[0], X1.element_size()
+        memory = triton_memory(n, m, P, r, v.shape[1])
+        rows = rows_within(budget - (memory["m"] * m + memory["0"]) * itemsize, memory, n, itemsize)
+        out = X1.new_empty(n, v.shape[1]) if out is None else out
+        for i0 in range(0, n, rows):
+            T1 = self.patch_features(X1[i0 : i0 + rows])
+            out[i0 : i0 + rows] = triton_conv_mmv(T1, T2, v, self.base, self.sigma, weights, precision=self.precision)
+        return out
+
+    def _direct_dmmv(self, X1, X2, v, w, kernel=None, out=None, opt=None, **_):
+        """K(X1, X2)ᵀ (K(X1, X2) v + w) as two direct products (K(X1, X2)ᵀ = K(X2, X1))."""
+        inner = self._direct_mmv(X1, X2, v, opt=opt) if v is not None else 0
         inner = inner + w if w is not None else inner
-        return self._keops_mmv(X2, X1, inner, out=out, opt=opt)
+        return self._direct_mmv(X2, X1, inner, out=out, opt=opt)
 
     def extra_repr(self) -> str:
         g = self.geometry
         return (
             f"kernel={self.base_kernel!r}, sigma={self.sigma:g}, image_shape={g.image_shape}, "
-            f"patch_size={g.patch_size}, stride={g.stride}, padding={g.padding}, rank={self.factor.shape[1]}"
+            f"patch_size={g.patch_size}, stride={g.stride}, padding={g.padding}, rank={self.factor.shape[1]}, "
+            f"backend={self.backend!r}"
         )
 
     def __str__(self):

@@ -90,7 +90,7 @@ class PatchGeometry:
         c, q = self.image_shape[0], self.patch_size
         return factor.t().reshape(factor.shape[1], c, q, q)
 
-    def transform(self, rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    def transformed_patches(self, rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """Lᵀx_p for every patch: conv2d of the images with Lᵀ, as a (P, n, r) view.
 
         The convolution runs in channels-last layout (several times faster on CPU for few

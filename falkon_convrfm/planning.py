@@ -8,7 +8,7 @@ data in-core).
 from __future__ import annotations
 
 from .agop import agop_memory
-from .kernel import compute_temporaries
+from .ops import dense_memory
 from .patches import PatchGeometry
 
 BYTES = {"float32": 4, "float64": 8}
@@ -16,7 +16,7 @@ BYTES = {"float32": 4, "float64": 8}
 
 def kernel_temporaries(geometry: PatchGeometry, rows: int, cols: int, rank: int, itemsize: int) -> int:
     """Bytes of one ``compute`` call on a rows × cols block (the kernel's ``extra_mem``)."""
-    extra = compute_temporaries(geometry.num_locations, rank)
+    extra = dense_memory(geometry.num_locations, rank)
     return int((extra["n"] * rows + extra["m"] * cols + extra["0"]) * itemsize)
 
 

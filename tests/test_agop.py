@@ -321,11 +321,10 @@ def test_patch_agop_empty_rows_raise():
 @pytest.mark.parametrize("kind", ["laplace", "gaussian"])
 def test_compiled_distance_weights_match_eager(kind, monkeypatch):
     """Large chunks run the torch.compile'd distance weights; they equal the eager ones."""
-    from falkon_convrfm import agop
+    from falkon_convrfm import _compile, agop
     from falkon_convrfm.kernel import ConvMahalanobisKernel
-    from falkon_convrfm.ops import dense
 
-    if not (dense.COMPILE_ENABLED and dense.TORCH_COMPILE_OK):
+    if not (_compile.COMPILE_ENABLED and _compile.TORCH_COMPILE_OK):
         pytest.skip("torch.compile disabled here")
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(6, 2 * 7 * 7, generator=gen, dtype=torch.float64)
@@ -334,7 +333,7 @@ def test_compiled_distance_weights_match_eager(kind, monkeypatch):
     alpha = torch.randn(5, 3, generator=gen, dtype=torch.float64)
     k = ConvMahalanobisKernel(None, (2, 7, 7), 3, kernel=kind, sigma=2.0)
     eager = agop.patch_agop(k, Z, alpha, X)[0]
-    monkeypatch.setattr(agop, "COMPILE_MIN_EVALS", 0)
+    monkeypatch.setattr(_compile, "COMPILE_MIN_EVALS", 0)
     fast = agop.patch_agop(k, Z, alpha, X)[0]
-    assert not dense._COMPILE_FAILED
+    assert not _compile._COMPILE_FAILED
     assert torch.allclose(fast, eager, rtol=1e-10, atol=1e-14 * eager.abs().max())

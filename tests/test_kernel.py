@@ -17,6 +17,7 @@ import falkon_convrfm
 import naive
 from conftest import HAS_FALKON, make_options, requires_keops
 from falkon_convrfm import ConvMahalanobisKernel
+from falkon_convrfm import _compile
 from falkon_convrfm.ops import dense
 
 BASE_KERNELS = ("laplace", "gaussian", "ntk")
@@ -239,9 +240,9 @@ def test_shared_patches_between_distinct_images(kind, dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", BASE_KERNELS)
 def test_compiled_path_matches_naive(kind, dtype, monkeypatch, rng):
-    if not (dense.COMPILE_ENABLED and dense.TORCH_COMPILE_OK):
+    if not (_compile.COMPILE_ENABLED and _compile.TORCH_COMPILE_OK):
         pytest.skip("torch.compile path disabled (FALKON_CONVRFM_COMPILE=0 or unsupported platform)")
-    monkeypatch.setattr(dense, "COMPILE_MIN_EVALS", 0)
+    monkeypatch.setattr(_compile, "COMPILE_MIN_EVALS", 0)
     shape, q, stride, padding = (3, 7, 9), 3, 1, 1
     P = naive.num_locations(shape, q, stride, padding)
     M = naive.random_psd(27, rank=13, rng=rng)
@@ -266,7 +267,7 @@ def test_compiled_path_matches_naive(kind, dtype, monkeypatch, rng):
     monkeypatch.setattr(dense, "compiled_fn", spy)
     out = k.compute(X1, X2, X1.new_empty(N1, N2), diag=False)
     assert calls and set(calls) == {dtype}, "compiled tile function was not used"
-    assert not dense._COMPILE_FAILED, "torch.compile failed and fell back to eager"
+    assert not _compile._COMPILE_FAILED, "torch.compile failed and fell back to eager"
     assert naive.relative_error(out, K_ref) <= TOL[dtype]
     assert naive.relative_error(k(X1, X2), K_ref) <= TOL[dtype]
 

@@ -1,118 +1,68 @@
-r"""Cache-tiled torch evaluation of aligned-patch convolutional kernels.
+r"""Cache-tiled torch evaluation of aligned-patch convolutional kernels (the CPU backend).
 
 All functions take patches already transformed by the metric factor, T = Lᵀx_p, laid out as
-(P, n, r), and location weights ω (P,) summing to 1:
+(P, n, r), location weights ω (P,) summing to 1 and a base kernel object
+(:mod:`falkon_convrfm.base_kernels`):
 
 .. math::  K(x, z) = \sum_p ω_p κ(T_{p,x}, T_{p,z})
 
-Distance kernels get their squared distances from one batched GEMM on augmented factors,
-``[-2γu, γ‖u‖², 1]·[v, 1, γ‖v‖²] = γ‖u - v‖²`` (patches centred per location first, which
-leaves distances unchanged and limits cancellation), followed by in-place element-wise maps
-and a GEMV over locations into ~128×128 output tiles that stay in cache.
+The base kernel's GEMM form says what one batched GEMM over locations computes (e.g. γ‖u − v‖² on
+augmented operands, or cos θ on unit vectors) and its map turns that into κ; this module only
+tiles: operands laid out tile-major, a GEMM, the in-place map and a GEMV over locations into
+~128×128 output tiles that stay in cache.
 """
 from __future__ import annotations
 
 import functools
-import math
-import os
-import sys
-import warnings
 
 import torch
 
-BASE_KERNELS = ("laplace", "gaussian", "ntk")
+from .._compile import compiled_fn, use_compiled
 
 # Output tile (rows × cols) and elements per location chunk; tuned on a 2-core AVX2 CPU.
 TILE_ROWS = 128
 TILE_COLS = 128
 TILE_ELEMENTS = 2**19
-# Blocks with at least this many patch evaluations use the torch.compile'd tile function
-# (map and reduction fused); smaller ones run eagerly. FALKON_CONVRFM_COMPILE=0 disables it.
-COMPILE_MIN_EVALS = 2**24
-# Squared distances below ROUNDING_FLOOR·eps·(‖u‖² + ‖v‖²) are GEMM rounding (laplace only).
-ROUNDING_FLOOR = 16
-COMPILE_ENABLED = os.environ.get("FALKON_CONVRFM_COMPILE", "1") != "0"
-TORCH_COMPILE_OK = hasattr(torch, "compile") and sys.platform.startswith("linux")
 
 
-def ntk_profile(c: torch.Tensor) -> torch.Tensor:
-    """g(c) = (2c(π − arccos c) + √(1 − c²))/π, so that κ_ntk(u, v) = ‖u‖‖v‖·g(cos θ)."""
-    c = c.clamp(-1.0, 1.0)
-    return (2 * c * (math.pi - torch.acos(c)) + (1 - c * c).clamp_min(0).sqrt()) / math.pi
+def dense_memory(num_locations: int, rank: int, extra_columns: int = 2) -> dict:
+    """Elements that one :func:`conv_kernel_matrix` call allocates, in Falkon's ``extra_mem``
+    form: per row of either block the transformed patches (P, r) and the padded GEMM operand
+    (P, r + extra rounded up to 8), plus the tile buffers."""
+    per_row = num_locations * (rank + _operand_width(rank, extra_columns))
+    return {"n": per_row, "m": per_row, "0": 3 * TILE_ELEMENTS}
 
 
-def _unit_rows(T: torch.Tensor):
-    """Norms ‖T[..., :]‖ and the rows divided by them (zero rows stay zero)."""
-    norms = torch.linalg.vector_norm(T, dim=-1)
-    unit = T / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
-    return norms, unit
+def _operand_width(rank: int, extra_columns: int) -> int:
+    return -(-(rank + extra_columns) // 8) * 8
 
 
-def patch_kernel_pairs(U: torch.Tensor, V: torch.Tensor, kind: str, sigma: float) -> torch.Tensor:
-    """κ(U[..., :], V[..., :]) for paired patch vectors (same shape), by the direct formulas.
-
-    laplace: exp(−‖u − v‖/σ); gaussian: exp(−‖u − v‖²/(2σ²));
-    ntk: ⟨u,v⟩(π − θ)/π + ‖u‖‖v‖(sin θ + (π − θ)cos θ)/π, 0 when u or v is 0.
-    """
-    if kind == "ntk":
-        a, Uh = _unit_rows(U)
-        b, Vh = _unit_rows(V)
-        return a * b * ntk_profile((Uh * Vh).sum(-1))
-    sqdist = (U - V).pow(2).sum(-1)
-    if kind == "laplace":
-        return torch.exp(-sqdist.sqrt() / sigma)
-    return torch.exp(-sqdist / (2 * sigma**2))
-
-
-def median_patch_distance(T: torch.Tensor) -> float:
-    """Median distance between aligned patches of different rows, ‖T[p, i] − T[p, j]‖ for
-    consecutive rows i, j = i + 1 at every location (the bandwidth heuristic)."""
-    if T.shape[1] < 2:
-        raise ValueError("the median heuristic needs at least two rows")
-    return torch.linalg.vector_norm(T[:, 1:] - T[:, :-1], dim=-1).median().item()
-
-
-def conv_kernel_diag(T1: torch.Tensor, T2: torch.Tensor, kind: str, sigma: float, weights: torch.Tensor):
+def conv_kernel_diag(T1: torch.Tensor, T2: torch.Tensor, base, sigma: float, weights: torch.Tensor):
     """diag K(X1, X2): Σ_p ω_p κ(T1[p, i], T2[p, i]), shape (n,)."""
-    return weights @ patch_kernel_pairs(T1, T2, kind, sigma)
+    return weights @ base.pairs(T1, T2, sigma)
 
 
-def _tiled_factor(T, centre, scale, norm_coef, tile: int, chunk: int, transpose: bool):
-    """GEMM operand for every output tile, zero-padded: (n_tiles, P_pad, tile, k) holding
-    ``[scale·(u − c), norm_coef·‖u − c‖², 1]`` (the last two swapped when ``transpose``, which
-    also lays each tile out as (P_pad, k, tile)). ``norm_coef=None``: just ``scale·u``.
+def _tiled_operand(T, form, context, tile: int, chunk: int, right: bool):
+    """The GEMM operand of every output tile, zero-padded: (n_tiles, P_pad, tile, k) holding the
+    form's operand rows (laid out (P_pad, k, tile) per tile for the ``right`` operand), and the
+    form's auxiliary values (n_tiles, P_pad, tile) or None.
 
-    Every tile's slice is contiguous with the same strides (one compiled shape), and the factor
+    Every tile's slice is contiguous with the same strides (one compiled shape), and the operand
     is written in one pass per tile, straight from T.
     """
     P, n, r = T.shape
-    extra = 0 if norm_coef is None else 2
-    k = -(-(r + extra) // 8) * 8
+    k = _operand_width(r, form.extra_columns)
     P_pad, n_tiles = -(-P // chunk) * chunk, -(-n // tile)
-    shape = (n_tiles, P_pad, k, tile) if transpose else (n_tiles, P_pad, tile, k)
-    out = T.new_zeros(shape)
+    out = T.new_zeros((n_tiles, P_pad, k, tile) if right else (n_tiles, P_pad, tile, k))
+    aux = None
     for t in range(n_tiles):
         src = T[:, t * tile : (t + 1) * tile]
-        dst = out[t, :P].transpose(1, 2) if transpose else out[t, :P]
-        dst = dst[:, : src.shape[1]]
-        body = dst[..., :r]
-        torch.sub(src, centre, out=body) if centre is not None else body.copy_(src)
-        if norm_coef is not None:
-            sq = body.pow(2).sum(-1)
-            dst[..., r + int(transpose)] = sq.mul_(norm_coef)
-            dst[..., r + 1 - int(transpose)] = 1
-        if scale != 1:
-            body.mul_(scale)
-    return out
-
-
-def _tiled_scale(S: torch.Tensor, tile: int, chunk: int) -> torch.Tensor:
-    """(P, n) per-patch scales → zero-padded (n_tiles, P_pad, tile), matching ``_tiled_factor``."""
-    P, n = S.shape
-    P_pad, n_tiles = -(-P // chunk) * chunk, -(-n // tile)
-    out = S.new_zeros(P_pad, n_tiles * tile)
-    out[:P, :n] = S
-    return out.view(P_pad, n_tiles, tile).transpose(0, 1).contiguous()
+        dst = out[t, :P].transpose(1, 2) if right else out[t, :P]
+        values = form.write(src, context, dst[:, : src.shape[1]], right)
+        if values is not None:
+            aux = T.new_zeros(n_tiles, P_pad, tile) if aux is None else aux
+            aux[t, :P, : src.shape[1]] = values
+    return out, aux
 
 
 def _balanced(n: int, tile: int) -> int:
@@ -120,69 +70,24 @@ def _balanced(n: int, tile: int) -> int:
     return -(-n // -(-n // tile))
 
 
-def _pad_locations(w: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([w, w.new_zeros(-w.shape[0] % chunk, *w.shape[1:])])
-
-
-def _kernel_map(E: torch.Tensor, kind: str) -> torch.Tensor:
-    """GEMM output → κ: E is γ‖u−v‖² for distance kernels, cos θ for ntk."""
-    if kind == "laplace":
-        return torch.exp(-torch.sqrt(torch.clamp_min(E, 0)))
-    if kind == "gaussian":
-        return torch.exp(torch.clamp_max(E, 0))
-    return ntk_profile(E)
-
-
-def tile_kernel_sum(left, right, row_aux, col_aux, weights, kind: str) -> torch.Tensor:
-    """One output tile: Σ_p w_p κ((left_p right_p)_ij), a GEMM, a map and a reduction.
-
-    ``row_aux``/``col_aux`` (per location and row/column): for ntk the norms ω_p‖u‖ and ‖v‖
-    that scale κ; for laplace the floors ε·γ‖u‖², ε·γ‖v‖² below which a squared distance is
-    GEMM rounding and counts as 0 (so identical patches give κ = 1 exactly instead of an
-    O(√ε) error through the square root); unused (None) for gaussian.
-    Written as one pure expression so that ``torch.compile`` fuses map and reduction into a
-    single pass over the GEMM output while it is still in cache.
-    """
-    E = torch.bmm(left, right)
-    if kind == "laplace":
-        E = torch.where(E <= row_aux.unsqueeze(2) + col_aux.unsqueeze(1), 0.0, E)
-    K = _kernel_map(E, kind)
-    if kind == "ntk":
-        K = K * row_aux.unsqueeze(2) * col_aux.unsqueeze(1)
-    return torch.einsum("p,pij->ij", weights, K)
-
-
-_COMPILE_FAILED = []
-
-
 @functools.lru_cache(maxsize=None)
-def compiled_fn(fn):
-    """``fn`` through ``torch.compile`` (static shapes), falling back to eager ``fn`` for good,
-    with one warning, if compilation does not work here (no C++ toolchain, ...)."""
-    fast = torch.compile(fn, dynamic=False)
+def tile_function(base):
+    """One output tile for ``base``: Σ_p w_p κ((left_p right_p)_ij), a GEMM, the base kernel's map
+    and a reduction, written as one pure expression so that ``torch.compile`` fuses map and
+    reduction into a single pass over the GEMM output while it is still in cache."""
 
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if _COMPILE_FAILED or not COMPILE_ENABLED or not TORCH_COMPILE_OK:
-            return fn(*args, **kwargs)
-        try:
-            return fast(*args, **kwargs)
-        except Exception as exc:
-            _COMPILE_FAILED.append(exc)
-            warnings.warn(f"torch.compile failed ({exc!r:.200}); using eager torch", stacklevel=2)
-            return fn(*args, **kwargs)
+    def tile_kernel_sum(left, right, row_aux, col_aux, weights):
+        K = base.gemm_map(torch.bmm(left, right), row_aux, col_aux)
+        return torch.einsum("p,pij->ij", weights, K)
 
-    return run
-
-
-def _use_compiled(n: int, m: int, P: int) -> bool:
-    return COMPILE_ENABLED and n * m * P >= COMPILE_MIN_EVALS and TORCH_COMPILE_OK
+    tile_kernel_sum.__qualname__ = f"tile_kernel_sum[{base.name}]"
+    return tile_kernel_sum
 
 
 def conv_kernel_matrix(
     T1: torch.Tensor,
     T2: torch.Tensor,
-    kind: str,
+    base,
     sigma: float,
     weights: torch.Tensor,
     out: torch.Tensor | None = None,
@@ -197,31 +102,16 @@ def conv_kernel_matrix(
     m = T2.shape[1]
     if out is None:
         out = T1.new_empty(n, m)
-    use_compiled = _use_compiled(n, m, P)
-    rows, cols = (TILE_ROWS, TILE_COLS) if use_compiled else (_balanced(n, TILE_ROWS), _balanced(m, TILE_COLS))
+    compiled = use_compiled(n * m * P)
+    rows, cols = (TILE_ROWS, TILE_COLS) if compiled else (_balanced(n, TILE_ROWS), _balanced(m, TILE_COLS))
     chunk = max(1, TILE_ELEMENTS // (rows * cols))
-    chunk = chunk if use_compiled else min(chunk, P)
-    tile_fn = compiled_fn(tile_kernel_sum) if use_compiled else tile_kernel_sum
-    row_aux = col_aux = None
-    if kind == "ntk":
-        a, U = _unit_rows(T1)
-        b, V = _unit_rows(T2)
-        left = _tiled_factor(U, None, 1, None, rows, chunk, False)
-        right = _tiled_factor(V, None, 1, None, cols, chunk, True)
-        row_aux = _tiled_scale(a * weights[:, None], rows, chunk)  # ω_p ‖u‖
-        col_aux = _tiled_scale(b, cols, chunk)
-        red_w = _pad_locations(torch.ones_like(weights), chunk)
-    else:  # γ‖u − v‖² = [−2γu, γ‖u‖², 1]·[v, 1, γ‖v‖²], patches centred per location
-        gamma = 1.0 / sigma**2 if kind == "laplace" else -0.5 / sigma**2
-        centre = T2.mean(dim=1, keepdim=True)
-        left = _tiled_factor(T1, centre, -2 * gamma, gamma, rows, chunk, False)
-        right = _tiled_factor(T2, centre, 1, gamma, cols, chunk, True)
-        red_w = _pad_locations(weights, chunk)
-        if kind == "laplace":  # floors from the factors' norm entries γ‖u − c‖², γ‖v − c‖²
-            floor = ROUNDING_FLOOR * torch.finfo(T1.dtype).eps
-            r = T1.shape[2]
-            row_aux = (left[..., r] * floor).contiguous()
-            col_aux = (right[:, :, r + 1] * floor).contiguous()
+    chunk = chunk if compiled else min(chunk, P)
+    tile_fn = compiled_fn(tile_function(base)) if compiled else tile_function(base)
+    form = base.gemm_form(sigma)
+    context = form.context(T2)
+    left, row_aux = _tiled_operand(T1, form, context, rows, chunk, right=False)
+    right, col_aux = _tiled_operand(T2, form, context, cols, chunk, right=True)
+    red_w = torch.cat([weights, weights.new_zeros(-P % chunk)])
     for ti in range(left.shape[0]):
         i0, i1 = ti * rows, min(n, (ti + 1) * rows)
         for tj in range(right.shape[0]):
@@ -235,7 +125,6 @@ def conv_kernel_matrix(
                     None if row_aux is None else row_aux[ti, locs],
                     None if col_aux is None else col_aux[tj, locs],
                     red_w[locs],
-                    kind,
                 )
                 acc = part if acc is None else acc.add_(part)
             out[i0:i1, j0:j1] = acc[: i1 - i0, : j1 - j0]
