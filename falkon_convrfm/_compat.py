@@ -36,6 +36,33 @@ def require_falkon():
 
 
 @functools.lru_cache(maxsize=1)
+def falkon_cuda_status() -> tuple[bool, str]:
+    """Whether Falkon can run on CUDA in this process: ``(True, description)`` or ``(False, reason)``.
+
+    Falkon loads its compiled extension lazily, at its first GPU operation (``falkon.c_ext._backend``
+    calls ``torch.ops.load_library``). A build that does not match torch fails there with an
+    ``OSError`` (``libtorch_cuda_linalg.so`` not found, an undefined symbol) or a ``RuntimeError``
+    (CUDA version mismatch), which Falkon's own import does not reveal. This loads the extension
+    and runs one tiny CUDA op of it (``copy_triang`` on a 2×2 CUDA tensor), in-process; cached.
+    """
+    if not torch.cuda.is_available():
+        return False, "CUDA not available"
+    if not HAS_FALKON:
+        return False, f"Falkon is not installed ({FALKON_IMPORT_ERROR})"
+    try:
+        from falkon import c_ext
+
+        if c_ext.cuda_version() == -1:  # the first call loads the extension
+            return False, "Falkon's extension was built without CUDA (FORCE_ONLY_CPU)"
+        c_ext.copy_triang(torch.eye(2, device="cuda"), upper=True)
+        torch.cuda.synchronize()
+    except (OSError, ImportError, RuntimeError, ValueError, AttributeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return False, f"Falkon's CUDA extension does not load ({type(exc).__name__}: {first_line})"
+    return True, f"Falkon {_falkon.__version__} CUDA extension loaded (CUDA {torch.version.cuda})"
+
+
+@functools.lru_cache(maxsize=1)
 def keops_available() -> bool:
     """True when ``pykeops`` imports (formulas are compiled lazily at first use)."""
     try:
