@@ -1,10 +1,13 @@
-r"""Image datasets as channels-first tensors, train-fitted preprocessing and a synthetic task.
+r"""Image datasets as channels-first tensors, and a synthetic local-signal task.
 
 Every loader returns an :class:`ImageDataset`: ``images`` (n, c, H, W) of a floating ``dtype``
 (float32 by default) and ``labels`` (n,) int64. uint8 pixel data is scaled to [0, 1] on load
 (x / 255); data stored as floats is only cast. Files are read in their distributed formats, with
 no torchvision needed (its download folders work as they are), and a missing or malformed file
-raises a FileNotFoundError / ValueError that names the file and the problem.
+raises a one-line FileNotFoundError / ValueError that names the file and the problem. No file
+can run code: CIFAR pickles go through an unpickler that admits only numpy arrays, npz files are
+read with ``allow_pickle=False``. Preprocessing and the train/validation split are in
+:mod:`falkon_convrfm.preprocessing`.
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .validation import positive_int
+
 __all__ = [
     "ImageDataset",
-    "Preprocessor",
     "load_cifar",
     "load_dataset",
     "load_image_folder",
@@ -27,8 +31,6 @@ __all__ = [
     "load_npz",
     "load_svhn",
     "make_local_signal",
-    "train_val_split",
-    "zca_whitening",
 ]
 
 DIGITS = tuple(str(d) for d in range(10))
@@ -75,11 +77,12 @@ def _find_dir(root, subdirs, markers) -> Path:
 
 
 def _decode(path: Path, reader, what: str):
-    """``reader(path)``, any decoding failure re-raised as a ValueError naming the file."""
+    """``reader(path)``, any decoding failure re-raised as a one-line ValueError naming the file."""
     try:
         return reader(path)
     except Exception as exc:  # decoders (pickle, scipy, numpy, gzip, PIL) raise many types
-        raise ValueError(f"{path}: not a valid {what} file ({type(exc).__name__}: {exc})") from None
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"{path}: not a valid {what} file ({type(exc).__name__}: {reason})") from None
 
 
 def _get(mapping, key: str, path: Path):
@@ -90,20 +93,27 @@ def _get(mapping, key: str, path: Path):
     return mapping[key]
 
 
-def _to_images(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """NCHW numpy array → contiguous tensor of ``dtype``; uint8 is scaled to [0, 1] (x / 255)."""
+def _to_images(array: np.ndarray, dtype: torch.dtype, path: Path) -> torch.Tensor:
+    """NCHW numpy array of real numbers → contiguous tensor of ``dtype``; uint8 is scaled to [0, 1] (x / 255)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        raise ValueError(f"{path}: images must hold integers or floats, got dtype {array.dtype}")
     x = torch.from_numpy(np.require(array, requirements=("C", "W"))).to(dtype)
     return x.div_(255) if array.dtype == np.uint8 else x
 
 
-def _to_labels(labels, n: int, path: Path, num_classes: int | None = None) -> torch.Tensor:
-    """Integer labels as an (n,) int64 tensor, checked for length, integrality and range."""
+def _to_labels(labels, n: int, path: Path, num_classes: int | None = None, first: int = 0) -> torch.Tensor:
+    """Integer labels as an (n,) int64 tensor, checked for length, integrality and the range
+    [first, first + num_classes) (or ≥ first without ``num_classes``)."""
     y = np.asarray(labels).reshape(-1)
-    if y.size != n or not (np.issubdtype(y.dtype, np.number) and np.all(y == np.round(y))):
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{path}: labels must be integer class indices, got dtype {y.dtype}")
+    if y.size != n or not np.all(y == np.round(y)):
         raise ValueError(f"{path}: expected {n} integer labels, got {y.size} of dtype {y.dtype}")
     y = y.astype(np.int64)
-    if y.size and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
-        bound = f"[0, {num_classes})" if num_classes is not None else "non-negative"
+    if y.size and (y.min() < first or (num_classes is not None and y.max() >= first + num_classes)):
+        bound = f"[{first}, {first + num_classes})" if num_classes is not None else f">= {first}"
         raise ValueError(f"{path}: labels must be {bound}, got range [{y.min()}, {y.max()}]")
     return torch.from_numpy(y)
 
@@ -139,13 +149,59 @@ _CIFAR = {
 }
 
 
-def _unpickle(path: Path) -> dict:
-    """A CIFAR pickle (written by Python 2: bytes keys) as a dict with str keys.
+try:
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
-    Unpickling runs code from the file: only load CIFAR files from a trusted source.
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes under protocol 2: ``(text, 'latin1')`` only."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused _codecs.encode({type(text).__name__}, {encoding!r}): only latin1 text")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    """``bytes()`` as Python 3 pickles b'' under protocol 2."""
+    return b""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain data and numpy arrays: it cannot run code.
+
+    CIFAR's python batches are Python 2 pickles of dicts with bytes keys, lists, ints, strings
+    and uint8 arrays; their only globals are numpy's array reconstruction (``_reconstruct``,
+    ``ndarray``, ``dtype``, under numpy 1's and numpy 2's module names). Batches re-saved by
+    Python 3 with protocol ≤ 2 also write bytes as ``_codecs.encode(text, 'latin1')`` and b'' as
+    ``bytes()``, admitted in those forms only. Any other global raises UnpicklingError.
     """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_bytes,
+        ("__builtin__", "bytes"): _empty_bytes,
+        ("builtins", "bytes"): _empty_bytes,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name} (a CIFAR batch holds only numpy arrays and plain data)"
+            ) from None
+
+
+def _unpickle(path: Path) -> dict:
+    """A CIFAR pickle (written by Python 2: bytes keys) as a dict with str keys, read safely."""
     with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+        d = _CifarUnpickler(f, encoding="bytes").load()
+    if not isinstance(d, dict):
+        raise pickle.UnpicklingError(f"holds a {type(d).__name__}, expected a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
@@ -173,7 +229,7 @@ def load_cifar(root, train: bool = True, num_classes: int = 10, dtype=torch.floa
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(_to_labels(_get(batch, layout.label_key, path), len(data), path, num_classes))
     classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-    return ImageDataset(_to_images(np.concatenate(images), dtype), torch.cat(labels), classes)
+    return ImageDataset(_to_images(np.concatenate(images), dtype, folder), torch.cat(labels), classes)
 
 
 # ---------------------------------------------------------------------------- SVHN
@@ -181,8 +237,9 @@ def load_svhn(root_or_file, split: str = "train", dtype=torch.float32) -> ImageD
     """SVHN cropped digits from ``{split}_32x32.mat`` (split: train, test or extra).
 
     ``root_or_file`` is the .mat file itself (then ``split`` is not used) or its folder
-    (torchvision's root). The file holds X (32, 32, 3, N) uint8 and y (N, 1) with the digit 0
-    stored as label 10, mapped here to 0. Images come back (n, 3, 32, 32) in [0, 1].
+    (torchvision's root). The file (MATLAB v5) holds X (32, 32, 3, N) uint8 and y (N, 1) with
+    labels 1..10, the digit 0 stored as 10 and mapped here to 0; anything else is refused.
+    Images come back (n, 3, 32, 32) in [0, 1].
     """
     from scipy.io import loadmat
 
@@ -195,8 +252,8 @@ def load_svhn(root_or_file, split: str = "train", dtype=torch.float32) -> ImageD
     X = _get(mat, "X", path)
     if X.dtype != np.uint8 or X.ndim != 4 or X.shape[2] != 3:
         raise ValueError(f"{path}: 'X' must be an (H, W, 3, N) uint8 array, got {X.dtype} {X.shape}")
-    y = _to_labels(_get(mat, "y", path), X.shape[3], path, num_classes=11)
-    return ImageDataset(_to_images(X.transpose(3, 2, 0, 1), dtype), y % 10, DIGITS)
+    y = _to_labels(_get(mat, "y", path), X.shape[3], path, num_classes=10, first=1)
+    return ImageDataset(_to_images(X.transpose(3, 2, 0, 1), dtype, path), y % 10, DIGITS)
 
 
 # ---------------------------------------------------------------------------- MNIST
@@ -247,12 +304,19 @@ def load_mnist(root, train: bool = True, fashion: bool = False, dtype=torch.floa
     images = _read_idx(idx_path(image_name), 3)
     label_path = idx_path(label_name)
     labels = _to_labels(_read_idx(label_path, 1), len(images), label_path, num_classes=10)
-    return ImageDataset(_to_images(images[:, None], dtype), labels, FASHION_MNIST_CLASSES if fashion else DIGITS)
+    classes = FASHION_MNIST_CLASSES if fashion else DIGITS
+    return ImageDataset(_to_images(images[:, None], dtype, folder), labels, classes)
 
 
 # ---------------------------------------------------------------------------- npz
 def _read_npz(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as f:
+    """The arrays of an .npz archive by name (no pickled objects: ``allow_pickle=False``)."""
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive of named arrays ('images', 'labels')")
+    with data as f:
+        if not all(name.endswith(".npy") for name in f.zip.namelist()):
+            raise ValueError("a zip archive of other files (a torch.save file?), not an .npz archive of .npy arrays")
         return {k: f[k] for k in f.files}
 
 
@@ -274,7 +338,8 @@ def _channel_axis_first(images: np.ndarray, layout: str, path: Path) -> np.ndarr
             layout = "chw"
         else:
             raise ValueError(
-                f"{path}: cannot tell the channel axis of images {images.shape}; pass layout='hwc' or 'chw'"
+                f"{path}: cannot tell the channel axis of images {images.shape}; pass load_npz(..., "
+                "layout='hwc') for (N, H, W, C) or layout='chw' for (N, C, H, W) (on the command line: --layout)"
             )
     return images.transpose(0, 3, 1, 2) if layout == "hwc" else images
 
@@ -284,16 +349,23 @@ def load_npz(path, layout: str = "auto", dtype=torch.float32) -> ImageDataset:
 
     ``images``: (N, H, W) grey, (N, H, W, C) ("hwc") or (N, C, H, W) ("chw"); ``layout="auto"``
     takes HWC when the last axis has size 1, 3 or 4 and the second axis is larger, CHW when the
-    second axis has size 1, 3 or 4. uint8 images are scaled to [0, 1].
+    second axis has size 1, 3 or 4 (so float (N, 32, 32, 3) images are read as HWC), and
+    otherwise asks for ``layout``. uint8 images are scaled to [0, 1]. ``labels`` are integer
+    class indices; with ``classes`` (1-d, names as str or bytes) they must index it.
     """
     if layout not in ("auto", "hwc", "chw"):
         raise ValueError(f"layout must be 'auto', 'hwc' or 'chw', got {layout!r}")
     path = _existing(path, "npz file")
     arrays = _decode(path, _read_npz, "npz")
     images = _channel_axis_first(_get(arrays, "images", path), layout, path)
-    labels = _to_labels(_get(arrays, "labels", path), len(images), path)
-    classes = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays else None
-    return ImageDataset(_to_images(images, dtype), labels, classes)
+    classes = None
+    if "classes" in arrays:
+        names = arrays["classes"]
+        if names.ndim != 1:
+            raise ValueError(f"{path}: 'classes' must be a 1-d array of class names, got shape {names.shape}")
+        classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in names.tolist())
+    labels = _to_labels(_get(arrays, "labels", path), len(images), path, None if classes is None else len(classes))
+    return ImageDataset(_to_images(images, dtype, path), labels, classes)
 
 
 # ---------------------------------------------------------------------------- image folder
@@ -358,7 +430,7 @@ def load_image_folder(root, size=None, dtype=torch.float32) -> ImageDataset:
         if a.shape != arrays[0].shape:
             raise ValueError(f"{path}: size {a.shape[:2]} differs from {arrays[0].shape[:2]} of {files[0]}; pass size=")
     images = np.stack(arrays).transpose(0, 3, 1, 2)
-    return ImageDataset(_to_images(images, dtype), torch.tensor(labels, dtype=torch.int64), tuple(classes))
+    return ImageDataset(_to_images(images, dtype, root), torch.tensor(labels, dtype=torch.int64), tuple(classes))
 
 
 # ---------------------------------------------------------------------------- dispatcher
@@ -368,14 +440,31 @@ def _is_train(split: str) -> bool:
     return split == "train"
 
 
+_OPTIONS = {  # dataset name → the keyword options its loader takes
+    "cifar10": ("dtype",),
+    "cifar100": ("dtype",),
+    "svhn": ("dtype",),
+    "mnist": ("dtype",),
+    "fashion-mnist": ("dtype",),
+    "npz": ("dtype", "layout"),
+    "folder": ("dtype", "size"),
+}
+
+
 def load_dataset(name: str, path, split: str = "train", **options) -> ImageDataset:
     """Load a dataset by name: cifar10, cifar100, svhn, mnist, fashion-mnist, npz or folder.
 
     ``path`` is the dataset root (torchvision's root works), or for "npz" / "folder" the file /
     folder of the wanted split, ``split`` then not being used. ``options`` go to the loader
-    (``dtype``; ``layout`` for npz; ``size`` for folder). uint8 images are scaled to [0, 1].
+    (``dtype``; ``layout`` for npz; ``size`` for folder); any other option is refused.
+    uint8 images are scaled to [0, 1].
     """
-    key = name.lower().replace("_", "-")
+    key = name.lower().replace("_", "-") if isinstance(name, str) else None
+    if key not in _OPTIONS:
+        raise ValueError(f"unknown dataset {name!r}: choose {', '.join(_OPTIONS)}")
+    refused = sorted(set(options) - set(_OPTIONS[key]))
+    if refused:
+        raise ValueError(f"dataset {key!r} takes the options {', '.join(_OPTIONS[key])}; got {', '.join(refused)}")
     if key in ("cifar10", "cifar100"):
         return load_cifar(path, _is_train(split), int(key[5:]), **options)
     if key == "svhn":
@@ -384,116 +473,7 @@ def load_dataset(name: str, path, split: str = "train", **options) -> ImageDatas
         return load_mnist(path, _is_train(split), key == "fashion-mnist", **options)
     if key == "npz":
         return load_npz(path, **options)
-    if key == "folder":
-        return load_image_folder(path, **options)
-    raise ValueError(f"unknown dataset {name!r}: choose cifar10, cifar100, svhn, mnist, fashion-mnist, npz, folder")
-
-
-# ---------------------------------------------------------------------------- preprocessing
-def zca_whitening(x: torch.Tensor, eps: float, rows_per_chunk: int = 4096):
-    r"""ZCA whitening of the rows of x (n, D): returns (μ, W) for x ↦ (x − μ) W.
-
-    .. math::  C = \tfrac1n \sum_i (x_i − μ)(x_i − μ)^T = U Λ U^T, \qquad
-               W = U (Λ + ε\,\bar λ\, I)^{-1/2} U^T, \quad \bar λ = \operatorname{tr}(C) / D
-
-    The ridge is relative to the mean eigenvalue λ̄, so ``eps`` is scale-free: small ``eps``
-    whitens fully (covariance → I), larger ``eps`` damps the low-variance (noisy) directions.
-    C is accumulated in float64 over row chunks (no float64 copy of x) and diagonalised with
-    ``torch.linalg.eigh``; μ and W are float64.
-    """
-    n = x.shape[0]
-    mean = sum(chunk.double().sum(0) for chunk in x.split(rows_per_chunk)) / n
-    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    for chunk in x.split(rows_per_chunk):
-        centred = chunk.double() - mean
-        cov.addmm_(centred.T, centred)
-    evals, evecs = torch.linalg.eigh(cov / n)
-    evals = evals.clamp_min(0)
-    return mean, (evecs * (evals + eps * evals.mean()).rsqrt()) @ evecs.T
-
-
-class Preprocessor:
-    r"""Train-fitted image preprocessing: scale, per-channel standardisation, ZCA whitening.
-
-    Applied in that order by :meth:`transform`:
-
-    * ``scale``: uint8 input is divided by 255 (other dtypes are left as they are);
-    * ``standardize``: x_c ↦ (x_c − m_c) / s_c with the mean m_c and standard deviation s_c of
-      channel c over the training images and pixels (a constant channel is only centred);
-    * ``zca``: full-image ZCA, x ↦ (x − μ) W on the flattened c·H·W vectors, with
-      W = U (Λ + ε λ̄ I)^{-1/2} Uᵀ from the training covariance, ε = ``zca_eps`` relative to the
-      mean eigenvalue λ̄ (see :func:`zca_whitening`); W is a D×D matrix, D = c·H·W.
-
-    Input: (n, c, H, W) tensors or numpy arrays; output: float tensors of the input's dtype and
-    device (integer input becomes float32). :meth:`state_dict` holds plain tensors / numbers
-    for ``torch.save``.
-    """
-
-    def __init__(self, scale: bool = True, standardize: bool = True, zca: bool = False, zca_eps: float = 0.1):
-        if not zca_eps > 0:
-            raise ValueError(f"zca_eps must be positive, got {zca_eps!r}")
-        self.scale, self.standardize, self.zca, self.zca_eps = bool(scale), bool(standardize), bool(zca), float(zca_eps)
-        self.shape = self.mean = self.std = self.zca_mean = self.zca_matrix = None
-
-    def _scaled(self, images) -> torch.Tensor:
-        x = torch.as_tensor(images)
-        if x.ndim != 4:
-            raise ValueError(f"images must be (n, c, H, W), got shape {tuple(x.shape)}")
-        if x.is_floating_point():
-            return x
-        return x / 255 if self.scale and x.dtype == torch.uint8 else x.to(torch.float32)
-
-    def _standardized(self, x: torch.Tensor) -> torch.Tensor:
-        view = (1, -1, 1, 1)
-        return (x - self.mean.to(x).view(view)) / self.std.to(x).view(view)
-
-    def fit(self, images) -> "Preprocessor":
-        """Compute the statistics of the training images (n, c, H, W)."""
-        x = self._scaled(images)
-        self.shape = tuple(x.shape[1:])
-        if self.standardize:
-            std, mean = torch.std_mean(x, dim=(0, 2, 3), correction=0)
-            self.mean, self.std = mean, torch.where(std > 0, std, torch.ones_like(std))
-            x = self._standardized(x)
-        if self.zca:
-            self.zca_mean, self.zca_matrix = zca_whitening(x.reshape(len(x), -1), self.zca_eps)
-        return self
-
-    def transform(self, images) -> torch.Tensor:
-        """Apply the fitted preprocessing to images of the training shape (c, H, W)."""
-        if self.shape is None:
-            raise RuntimeError("Preprocessor is not fitted: call fit() on the training images first")
-        x = self._scaled(images)
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"images have shape (c, H, W) = {tuple(x.shape[1:])}, fitted on {self.shape}")
-        if self.standardize:
-            x = self._standardized(x)
-        if self.zca:
-            flat = (x.reshape(len(x), -1) - self.zca_mean.to(x)) @ self.zca_matrix.to(x)
-            x = flat.reshape(x.shape)
-        return x
-
-    def fit_transform(self, images) -> torch.Tensor:
-        return self.fit(images).transform(images)
-
-    _STATE_KEYS = ("scale", "standardize", "zca", "zca_eps", "shape", "mean", "std", "zca_mean", "zca_matrix")
-
-    def state_dict(self) -> dict:
-        """Settings and fitted statistics (tensors, numbers, None) for ``torch.save``."""
-        state = {k: getattr(self, k) for k in self._STATE_KEYS}
-        state["shape"] = None if self.shape is None else list(self.shape)
-        return state
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "Preprocessor":
-        """Rebuild a Preprocessor from :meth:`state_dict` output."""
-        missing = [k for k in cls._STATE_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"Preprocessor state dict lacks keys {missing}")
-        pre = cls(state["scale"], state["standardize"], state["zca"], state["zca_eps"])
-        pre.mean, pre.std, pre.zca_mean, pre.zca_matrix = (state[k] for k in cls._STATE_KEYS[5:])
-        pre.shape = None if state["shape"] is None else tuple(state["shape"])
-        return pre
+    return load_image_folder(path, **options)
 
 
 # ---------------------------------------------------------------------------- synthetic task
@@ -539,10 +519,14 @@ def make_local_signal(
     """
     if kind not in ("plus_vs_cross", "present_vs_absent"):
         raise ValueError(f"kind must be 'plus_vs_cross' or 'present_vs_absent', got {kind!r}")
-    if not (pattern_size >= 3 and pattern_size % 2 == 1 and image_size >= pattern_size):
-        raise ValueError(f"need odd pattern_size >= 3 and image_size >= pattern_size, got {pattern_size}, {image_size}")
-    if n < 1 or channels < 1 or not noise >= 0:
-        raise ValueError(f"need n >= 1, channels >= 1 and noise >= 0, got {n}, {channels}, {noise}")
+    integers = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (pattern_size, image_size))
+    if not (integers and pattern_size >= 3 and pattern_size % 2 == 1 and image_size >= pattern_size):
+        raise ValueError(
+            f"need integers odd pattern_size >= 3 and image_size >= pattern_size, got {pattern_size}, {image_size}"
+        )
+    n, channels = positive_int("n", n), positive_int("channels", channels)
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}")
     rng = np.random.default_rng(random_state)
     labels = rng.permutation(np.arange(n) % 2)
     plus = _plus(pattern_size)
@@ -557,37 +541,3 @@ def make_local_signal(
     cols = (left[:, None] + offsets)[:, None, None, :]
     images[np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None], rows, cols] += patterns[:, None]
     return torch.from_numpy(images).to(dtype), torch.from_numpy(labels.astype(np.int64))
-
-
-# ---------------------------------------------------------------------------- splits
-def train_val_split(n: int, val_size, random_state=None, labels=None):
-    """Random (train, validation) index tensors (int64, sorted) partitioning range(n).
-
-    ``val_size``: a count (int) or a fraction in (0, 1) (rounded). With ``labels`` the split is
-    stratified: each class gives its proportional share of the validation set (largest
-    remainders rounded up, so the total is exact).
-    """
-    if isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool):
-        n_val = int(val_size)
-    elif isinstance(val_size, numbers.Real) and 0 < val_size < 1:
-        n_val = round(val_size * n)
-    else:
-        raise ValueError(f"val_size must be an int or a fraction in (0, 1), got {val_size!r}")
-    if not 0 < n_val < n:
-        raise ValueError(f"the validation set must have between 1 and n - 1 = {n - 1} items, got {n_val}")
-    rng = np.random.default_rng(random_state)
-    perm = rng.permutation(n)
-    if labels is None:
-        val = perm[:n_val]
-    else:
-        y = np.asarray(labels).reshape(-1)
-        if y.size != n:
-            raise ValueError(f"labels must have n = {n} entries, got {y.size}")
-        _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-        exact = counts * n_val / n
-        quota = np.floor(exact).astype(np.int64)
-        quota[np.argsort(quota - exact, kind="stable")[: n_val - quota.sum()]] += 1
-        val = np.concatenate([perm[inverse[perm] == c][:q] for c, q in enumerate(quota)])
-    is_val = np.zeros(n, dtype=bool)
-    is_val[val] = True
-    return tuple(torch.from_numpy(np.flatnonzero(mask).astype(np.int64)) for mask in (~is_val, is_val))

@@ -1,6 +1,6 @@
 """Dataset loaders on small files written in each real format, preprocessing, synthetic data, splits."""
 import gzip
-import io
+import os
 import pickle
 from pathlib import Path
 
@@ -12,7 +12,6 @@ from scipy.io import savemat
 from falkon_convrfm.datasets import (
     FASHION_MNIST_CLASSES,
     ImageDataset,
-    Preprocessor,
     load_cifar,
     load_dataset,
     load_image_folder,
@@ -20,7 +19,6 @@ from falkon_convrfm.datasets import (
     load_npz,
     load_svhn,
     make_local_signal,
-    train_val_split,
 )
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_train.npz"
@@ -113,6 +111,97 @@ def test_cifar_errors(tmp_path):
         load_cifar(tmp_path)
 
 
+def py2_pickle(obj) -> bytes:
+    """``obj`` pickled as Python 2's cPickle (protocol 2) wrote the CIFAR batches: str as
+    SHORT_BINSTRING / BINSTRING, arrays through numpy 1's ``numpy.core.multiarray._reconstruct``.
+    Handles dicts, lists, ints, bytes and uint8 arrays."""
+
+    def emit(o) -> bytes:
+        if isinstance(o, dict):
+            return b"}(" + b"".join(emit(k) + emit(v) for k, v in o.items()) + b"u"
+        if isinstance(o, list):
+            return b"](" + b"".join(emit(v) for v in o) + b"e"
+        if isinstance(o, int):
+            return b"J" + o.to_bytes(4, "little", signed=True)
+        if isinstance(o, bytes):
+            return (b"U" + bytes([len(o)]) if len(o) < 256 else b"T" + len(o).to_bytes(4, "little")) + o
+        assert isinstance(o, np.ndarray) and o.dtype == np.uint8
+        dtype = b"cnumpy\ndtype\n" + emit(b"u1") + emit(0) + emit(1) + b"\x87R(" + emit(3) + emit(b"|")
+        dtype += b"NNN" + emit(-1) + emit(-1) + emit(0) + b"tb"
+        shape = b"(" + b"".join(emit(d) for d in o.shape) + b"t"
+        return (
+            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + emit(0) + b"\x85" + emit(b"b") + b"\x87R("
+            + emit(1) + shape + dtype + b"\x89" + emit(o.tobytes()) + b"tb"
+        )
+
+    return b"\x80\x02" + emit(obj) + b"."
+
+
+def test_cifar_python2_format(tmp_path):
+    """Batches byte-for-byte in the distributed format (Python 2 pickles) load through the safe unpickler."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = [f"class{i}".encode() for i in range(10)]
+    meta = {b"num_cases_per_batch": 3, b"label_names": names, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(py2_pickle(meta))
+    batch = {
+        b"batch_label": b"testing batch 1 of 1",
+        b"labels": [9, 0, 3],
+        b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+        b"filenames": [b"a.png", b"b.png", b"c.png"],
+    }
+    (folder / "test_batch").write_bytes(py2_pickle(batch))
+    assert read_pickle(folder / "test_batch")[b"labels"] == [9, 0, 3]  # the emitter writes valid pickles
+    ds = load_cifar(tmp_path, train=False)
+    check_images(ds, (3, 3, 32, 32))
+    assert torch.equal(ds.images.mul(255).round().to(torch.uint8), torch.from_numpy(batch[b"data"]).view(3, 3, 32, 32))
+    assert ds.labels.tolist() == [9, 0, 3] and ds.classes[9] == "class9"
+
+
+class RunsShellCommand:
+    """Unpickling this runs a shell command (what a crafted batch would do)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("target", ["data_batch_1", "batches.meta"])
+def test_cifar_malicious_pickle_does_not_run(tmp_path, protocol, target):
+    folder = write_cifar(tmp_path / "data", 10)
+    live, marker = tmp_path / "payload_is_live", tmp_path / "pwned"
+    pickle.loads(pickle.dumps(RunsShellCommand(f"touch {live}"), protocol=protocol))  # plain pickle runs it
+    assert live.exists()
+    payload = {b"data": RunsShellCommand(f"touch {marker}"), b"labels": [0], b"label_names": []}
+    (folder / target).write_bytes(pickle.dumps(payload, protocol=protocol))
+    with pytest.raises(ValueError) as info:
+        load_cifar(tmp_path / "data")
+    message = str(info.value)
+    assert not marker.exists()
+    assert "\n" not in message and message.startswith(f"{folder / target}: not a valid CIFAR")
+    assert f"refused global {os.system.__module__}.system" in message
+
+
+def test_cifar_unpickler_admits_only_data(tmp_path):
+    folder = write_cifar(tmp_path, 10)
+    rot13 = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x05\x00\x00\x00rot13\x86R."  # _codecs.encode('x', 'rot13')
+    (folder / "data_batch_2").write_bytes(rot13)
+    with pytest.raises(ValueError, match=r"data_batch_2: .*refused _codecs.encode\(str, 'rot13'\)"):
+        load_cifar(tmp_path)
+    write_pickle(folder / "data_batch_2", [1, 2])
+    with pytest.raises(ValueError, match="data_batch_2: .*holds a list, expected a dict"):
+        load_cifar(tmp_path)
+    write_pickle(folder / "data_batch_2", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"cat", b"dog"]})
+    with pytest.raises(ValueError, match="data_batch_2: labels must be integer class indices"):
+        load_cifar(tmp_path)
+    write_pickle(folder / "data_batch_2", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"e": b""})
+    check_images(load_cifar(tmp_path), (17, 3, 32, 32))  # Python 3's protocol-2 bytes forms are admitted
+
+
 # ---------------------------------------------------------------------------- SVHN
 def write_svhn(path: Path, n: int = 6, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -145,6 +234,40 @@ def test_svhn_errors(tmp_path):
         load_svhn(tmp_path)
     (tmp_path / "train_32x32.mat").write_bytes(b"garbage" * 20)
     with pytest.raises(ValueError, match="train_32x32.mat: not a valid MATLAB"):
+        load_svhn(tmp_path)
+
+
+def test_svhn_generated_file_in_the_exact_format(tmp_path):
+    """X (32, 32, 3, n) uint8 and y (n, 1) uint8 in 1..10 (10 = digit 0), as in {split}_32x32.mat."""
+    rng = np.random.default_rng(7)
+    n = 40
+    X = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+    y[:2, 0] = [10, 1]
+    savemat(tmp_path / "extra_32x32.mat", {"X": X, "y": y})
+    ds = load_dataset("svhn", tmp_path, split="extra")
+    check_images(ds, (n, 3, 32, 32))
+    assert torch.equal(ds.labels, torch.from_numpy(y[:, 0].astype(np.int64) % 10))
+    assert ds.labels[:2].tolist() == [0, 1] and set(ds.labels.tolist()) <= set(range(10))
+    pixels = ds.images.mul(255).round().to(torch.uint8)
+    assert torch.equal(pixels, torch.from_numpy(X).permute(3, 2, 0, 1))  # (H, W, c, n) → (n, c, H, W)
+    assert torch.equal(load_svhn(tmp_path / "extra_32x32.mat", dtype=torch.float64).images.float(), ds.images)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"X": np.zeros((2, 32, 32, 3), np.uint8), "y": np.ones((2, 1))}, r"'X' must be an \(H, W, 3, N\) uint8"),
+        ({"X": np.zeros((32, 32, 3, 2)), "y": np.ones((2, 1))}, r"'X' must be .* uint8 array, got float64"),
+        ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [3]])}, r"labels must be \[1, 11\)"),
+        ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[11], [3]])}, r"labels must be \[1, 11\)"),
+        ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([["a"], ["b"]])}, "labels must be integer class"),
+        ({"images": np.zeros((2, 3, 32, 32), np.uint8), "labels": np.ones(2)}, r"missing key 'X' \(found: 'images'"),
+    ],
+)
+def test_svhn_wrong_format(tmp_path, content, match):
+    savemat(tmp_path / "train_32x32.mat", content)
+    with pytest.raises(ValueError, match=f"train_32x32.mat: {match}"):
         load_svhn(tmp_path)
 
 
@@ -249,6 +372,54 @@ def test_npz_errors(tmp_path):
         load_npz(tmp_path / "x.npz")
 
 
+def test_npz_float_channels_last_detected(tmp_path):
+    floats = np.random.default_rng(1).normal(size=(5, 32, 32, 3)).astype(np.float32)
+    np.savez(tmp_path / "f.npz", images=floats, labels=np.arange(5) % 2, classes=np.array([b"cat", b"dog"]))
+    ds = load_npz(tmp_path / "f.npz")
+    assert ds.images.shape == (5, 3, 32, 32) and ds.classes == ("cat", "dog")
+    np.testing.assert_array_equal(ds.images.numpy(), floats.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (
+            dict(images=np.zeros((2, 5, 6, 7)), labels=[0, 1]),
+            r"cannot tell the channel axis .* pass load_npz\(\.\.\., layout='hwc'\) .*--layout",
+        ),
+        (dict(images=np.zeros((2, 3, 4, 4)), labels=np.array(["cat", "dog"])), "labels must be integer class indices"),
+        (dict(images=np.zeros((2, 3, 4, 4)), labels=[0, 2], classes=np.array(["a", "b"])), r"labels must be \[0, 2\)"),
+        (dict(images=np.zeros((2, 3, 4, 4)), labels=[0, 1], classes=np.eye(2)), "'classes' must be a 1-d array"),
+        (dict(images=np.zeros((2, 3, 4, 4), np.complex64), labels=[0, 1]), "images must hold integers or floats"),
+        (dict(images=np.full((2, 3, 4, 4), "x"), labels=[0, 1]), "images must hold integers or floats"),
+    ],
+)
+def test_npz_content_errors(tmp_path, arrays, match):
+    np.savez(tmp_path / "x.npz", **arrays)
+    with pytest.raises(ValueError, match=f"x.npz: {match}") as info:
+        load_npz(tmp_path / "x.npz")
+    assert "\n" not in str(info.value)
+
+
+def test_npz_foreign_files_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = np.empty(2, dtype=object)
+    evil[:] = [RunsShellCommand(f"touch {marker}"), 0]
+    np.savez(tmp_path / "evil.npz", images=evil, labels=[0, 1])  # an object array is stored pickled
+    with pytest.raises(ValueError, match="evil.npz: not a valid npz file .*allow_pickle=False"):
+        load_npz(tmp_path / "evil.npz")
+    assert not marker.exists()
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 4)))
+    with pytest.raises(ValueError, match=r"a.npy: not a valid npz file .*single \.npy array"):
+        load_npz(tmp_path / "a.npy")
+    torch.save({"state": torch.zeros(3)}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="model.pt: not a valid npz file .*torch.save file"):
+        load_npz(tmp_path / "model.pt")
+    np.savez(tmp_path / "ok.npz", images=np.zeros((2, 3, 4, 4)), labels=[0, 1])
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        load_npz(tmp_path / "ok.npz", dtype=torch.int64)
+
+
 @pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="shared CIFAR-10 npz not present")
 def test_shared_cifar10_npz():
     ds = load_dataset("npz", SHARED_CIFAR)
@@ -309,60 +480,10 @@ def test_load_dataset_dispatch(tmp_path):
         load_dataset("cifar10", tmp_path, split="val")
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
         load_dataset("imagenet", tmp_path)
-
-
-# ---------------------------------------------------------------------------- preprocessing
-def test_standardize_per_channel_and_reuse_of_train_statistics():
-    rng = np.random.default_rng(0)
-    train = rng.integers(0, 256, (50, 3, 4, 4), dtype=np.uint8)
-    pre = Preprocessor()
-    out = pre.fit_transform(train)
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
-    torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.std((0, 2, 3), correction=0), torch.ones(3), atol=1e-5, rtol=0)
-    new = torch.rand(5, 3, 4, 4, dtype=torch.float64)  # floats are not rescaled, dtype kept
-    x = train / 255.0
-    mean, std = x.mean((0, 2, 3), keepdims=True), x.std((0, 2, 3), keepdims=True)
-    expected = (new.numpy() - mean) / std
-    np.testing.assert_allclose(pre.transform(new).numpy(), expected, rtol=1e-5, atol=1e-6)
-    assert Preprocessor(standardize=False).fit_transform(train).max() <= 1
-
-
-def test_zca_whitens_train_covariance():
-    rng = np.random.default_rng(0)
-    mixing = rng.normal(size=(32, 32))
-    x = torch.from_numpy((rng.normal(size=(4000, 32)) @ mixing).reshape(-1, 2, 4, 4))
-    out = Preprocessor(standardize=False, zca=True, zca_eps=1e-8).fit_transform(x).reshape(len(x), -1)
-    centred = out - out.mean(0)
-    torch.testing.assert_close(centred.T @ centred / len(x), torch.eye(32, dtype=torch.float64), atol=1e-5, rtol=0)
-    damped = Preprocessor(zca=True, zca_eps=1.0).fit_transform(x).reshape(len(x), -1)
-    assert torch.linalg.eigvalsh(damped.T.cov(correction=0)).max() < 1  # the ridge shrinks every direction
-
-
-def test_preprocessor_state_dict_round_trip():
-    rng = np.random.default_rng(1)
-    train, test = rng.normal(size=(100, 2, 3, 3)), rng.normal(size=(7, 2, 3, 3))
-    pre = Preprocessor(zca=True).fit(train)
-    buffer = io.BytesIO()
-    torch.save(pre.state_dict(), buffer)
-    buffer.seek(0)
-    restored = Preprocessor.from_state_dict(torch.load(buffer, weights_only=True))
-    assert torch.equal(restored.transform(test), pre.transform(test))
-    with pytest.raises(ValueError, match="lacks keys"):
-        Preprocessor.from_state_dict({"scale": True})
-
-
-def test_preprocessor_errors():
-    with pytest.raises(RuntimeError, match="not fitted"):
-        Preprocessor().transform(np.zeros((1, 1, 2, 2)))
-    pre = Preprocessor().fit(np.ones((4, 1, 2, 2)))  # a constant channel is only centred
-    assert pre.transform(np.ones((1, 1, 2, 2))).eq(0).all()
-    with pytest.raises(ValueError, match="fitted on"):
-        pre.transform(np.zeros((1, 1, 3, 3)))
-    with pytest.raises(ValueError, match=r"\(n, c, H, W\)"):
-        pre.fit(np.zeros((4, 2, 2)))
-    with pytest.raises(ValueError, match="zca_eps"):
-        Preprocessor(zca_eps=0)
+    with pytest.raises(ValueError, match="dataset 'cifar10' takes the options dtype; got layout"):
+        load_dataset("cifar10", tmp_path, layout="hwc")
+    with pytest.raises(ValueError, match="unknown dataset None"):
+        load_dataset(None, tmp_path)
 
 
 # ---------------------------------------------------------------------------- synthetic task
@@ -407,20 +528,3 @@ def test_local_signal_errors():
         make_local_signal(10, kind="circle")
     with pytest.raises(ValueError, match="odd pattern_size"):
         make_local_signal(10, pattern_size=4)
-
-
-# ---------------------------------------------------------------------------- splits
-def test_train_val_split():
-    train, val = train_val_split(100, 0.2, random_state=0)
-    assert train.dtype == val.dtype == torch.int64 and len(val) == 20
-    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(100))
-    assert torch.equal(val, train_val_split(100, 20, random_state=0)[1])
-    labels = np.repeat([0, 1, 2], [50, 30, 20])
-    _, val = train_val_split(100, 10, random_state=1, labels=labels)
-    assert np.bincount(labels[val.numpy()]).tolist() == [5, 3, 2]
-    _, val = train_val_split(100, 7, random_state=1, labels=labels)
-    assert len(val) == 7
-    with pytest.raises(ValueError, match="between 1 and n - 1"):
-        train_val_split(10, 10)
-    with pytest.raises(ValueError, match="fraction"):
-        train_val_split(10, 1.5)
