@@ -44,18 +44,32 @@ def _as_2d(alpha: torch.Tensor) -> torch.Tensor:
     return alpha.reshape(alpha.shape[0], -1)
 
 
+def window_gradients(kernel, Tx, Tz, alpha, pairs, p0: int, p1: int) -> torch.Tensor:
+    """ω-weighted g̃ (p1 − p0, n, C, r) of the x-locations p0 ≤ p < p1: for every location the sum
+    over its window partners q of ω_{pq} Σ_j α_jo ∇_u κ(u_p, v_{j,q}) (q = p when aligned)."""
+    g = Tx.new_zeros(p1 - p0, Tx.shape[1], alpha.shape[1], Tx.shape[2])
+    for src, dst, w in pairs:
+        inside = (src >= p0) & (src < p1)
+        src, dst, w = src[inside], dst[inside], w[inside]
+        if src.numel():
+            part = transformed_gradients(Tx[src], Tz[dst], alpha, kernel.base, kernel.sigma)
+            g.index_add_(0, src - p0, part.mul_(w.view(-1, 1, 1, 1)))
+    return g
+
+
 def patch_gradients(kernel, centres: torch.Tensor, alpha: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """∇_{x_p} f_o(x_i) for all rows, locations and outputs, shape (n, P, C, d). Small inputs only."""
     alpha = _as_2d(alpha).to(X.dtype)
-    factor, weights = kernel.factor_and_weights(X)
-    g = transformed_gradients(kernel.patch_features(X), kernel.patch_features(centres), alpha, kernel.base, kernel.sigma)
-    return torch.einsum("p,pncr,dr->npcd", weights, g, factor)
+    factor, _ = kernel.factor_and_weights(X)
+    Tx = kernel.patch_features(X)
+    g = window_gradients(kernel, Tx, kernel.patch_features(centres), alpha, kernel.location_pairs(X), 0, Tx.shape[0])
+    return torch.einsum("pncr,dr->npcd", g, factor)
 
 
 def _per_pair(m: int, r: int, C: int) -> int:
     """Temporaries per (location, row) of a chunk, in elements: inner products and Q (m each),
-    the gradients and their product with Ũ (C·r each), Ũ (r)."""
-    return 2 * m + 2 * C * r + r
+    the gradients, their product with Ũ and their window sum (C·r each), Ũ (r)."""
+    return 2 * m + 3 * C * r + r
 
 
 def agop_chunks(n: int, P: int, m: int, r: int, C: int, itemsize: int, max_mem: float):
@@ -91,7 +105,8 @@ def patch_agop(
     alpha = _as_2d(alpha).to(X.dtype)
     if X.shape[0] == 0:
         raise ValueError("patch_agop needs at least one row of X")
-    factor, weights = kernel.factor_and_weights(X)
+    factor, _ = kernel.factor_and_weights(X)
+    pairs = kernel.location_pairs(X)
     Tz = kernel.patch_features(centres)  # (P, m, r)
     P, m, r = Tz.shape
     C = alpha.shape[1]
@@ -102,10 +117,9 @@ def patch_agop(
         for i0 in range(0, n, rows):
             Tx = kernel.patch_features(X[i0 : i0 + rows])
             for p0 in range(0, P, locs):
-                sl = slice(p0, p0 + locs)
-                g = transformed_gradients(Tx[sl], Tz[sl], alpha, kernel.base, kernel.sigma)
-                g = g.mul_(weights[sl].view(-1, 1, 1, 1)).reshape(g.shape[0], -1, r)
-                Gp[sl] += torch.bmm(g.transpose(1, 2), g).double()
+                g = window_gradients(kernel, Tx, Tz, alpha, pairs, p0, min(P, p0 + locs))
+                g = g.reshape(g.shape[0], -1, r)
+                Gp[p0 : p0 + locs] += torch.bmm(g.transpose(1, 2), g).double()
             bar.update(Tx.shape[1])
     Gp /= n
     L = factor.double()

@@ -16,8 +16,9 @@ from .metric import as_metric, metric_factor
 from .ops import choose_backend, conv_kernel_diag, conv_kernel_matrix, dense_memory, keops_conv_mmv, keops_memory
 from .ops.backends import BACKENDS
 from .ops.keops import rows_within
+from .ops.pooling import location_pairs, window_memory, window_sum
 from .patches import PatchGeometry
-from .validation import as_tensor, check_finite, check_sigma
+from .validation import as_tensor, check_finite, check_sigma, positive_int
 
 _KernelBase = FalkonKernelBase if HAS_FALKON else StandaloneKernel
 PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -72,6 +73,10 @@ class ConvMahalanobisKernel(_KernelBase):
         ``"triton"`` or ``"keops"``; see :func:`falkon_convrfm.ops.choose_backend`.
     precision : inner products in the Triton kernel: ``"ieee"`` (exact float32, default),
         ``"tf32x3"`` (split TF32, close to float32) or ``"tf32"`` (fast, ~1e-4 relative).
+    pool_window : odd w ≥ 1. Local pooling: patch p of x is compared with the patches of z in the
+        w×w window around p, K(x, z) = Σ_p ω_p Σ_δ κ(x_p, z_{p+δ}) over offsets δ ∈ {−w//2..w//2}²
+        with p + δ on the grid (border locations pair only with partners inside it). w = 1 (the
+        default) is the aligned kernel; the cost grows as w².
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class ConvMahalanobisKernel(_KernelBase):
         opt=None,
         backend: str = "auto",
         precision: str = "ieee",
+        pool_window: int = 1,
     ):
         super().__init__("ConvMahalanobis", opt if opt is not None else make_options())
         self.base = base_kernel(kernel)
@@ -97,6 +103,10 @@ class ConvMahalanobisKernel(_KernelBase):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.geometry = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
+        self.pool_window = positive_int("pool_window", pool_window)
+        if pool_window % 2 == 0:
+            raise ValueError(f"pool_window must be odd (a window centred on each location), got {pool_window}")
+        self._partners = self.geometry.window_partners(pool_window) if pool_window > 1 else None
         d = self.geometry.patch_dim
         self.base_kernel = kernel
         self.sigma = float(sigma)
@@ -113,6 +123,16 @@ class ConvMahalanobisKernel(_KernelBase):
         if key not in self._cast_cache:
             self._cast_cache[key] = (self.factor.to(like.device, like.dtype), self.weights.to(like.device, like.dtype))
         return self._cast_cache[key]
+
+    def location_pairs(self, like: torch.Tensor) -> list:
+        """The (x location, z location, weight) pairs K sums over, one triple of (k,) tensors per
+        window offset on ``like``'s device and dtype: [(p, p, ω_p)] for the aligned kernel, see
+        :func:`~falkon_convrfm.ops.pooling.location_pairs` for pooling windows."""
+        _, weights = self.factor_and_weights(like)
+        if self._partners is None:
+            locations = torch.arange(weights.shape[0], device=weights.device)
+            return [(locations, locations, weights)]
+        return location_pairs(self._partners, weights)
 
     def patch_features(self, X: torch.Tensor) -> torch.Tensor:
         """Lᵀx_p for every row of X and patch location, as a (P, n, r) view."""
@@ -159,29 +179,44 @@ class ConvMahalanobisKernel(_KernelBase):
         return super().dmmv(c["X1"], c["X2"], c["v"], c["w"], out=out, opt=opt, **kwargs)
 
     # ------------------------------------------------------------------ Falkon's kernel contract
+    def _pooled(self, aligned, T1, T2, weights, out=None):
+        """``aligned(T1, T2, ω, out)`` (an aligned-patch backend call) over the pooling window."""
+        if self._partners is None:
+            return aligned(T1, T2, weights, out)
+        return window_sum(lambda A, B, w: aligned(A, B, w, None), T1, T2, self.location_pairs(T1), out)
+
     def compute(self, X1: torch.Tensor, X2: torch.Tensor, out: torch.Tensor, diag: bool, **kwargs):
         """Fill ``out`` with K(X1, X2) (or its diagonal) for one block of rows, in place."""
         _, weights = self.factor_and_weights(X1)
         T1, T2 = self.patch_features(X1), self.patch_features(X2)
+        base, sigma = self.base, self.sigma
         if diag:
-            out.copy_(conv_kernel_diag(T1, T2, self.base, self.sigma, weights).reshape(out.shape))
-            return out
-        if self.backend_for(X1) == "triton":
+            def aligned(A, B, w, o):
+                return conv_kernel_diag(A, B, base, sigma, w)
+        elif self.backend_for(X1) == "triton":
             from .ops.triton import triton_conv_matrix
 
-            return triton_conv_matrix(T1, T2, self.base, self.sigma, weights, out=out, precision=self.precision)
-        if out.is_contiguous():
-            return conv_kernel_matrix(T1, T2, self.base, self.sigma, weights, out=out)
-        out.copy_(conv_kernel_matrix(T1, T2, self.base, self.sigma, weights))
-        return out
+            def aligned(A, B, w, o):
+                return triton_conv_matrix(A, B, base, sigma, w, out=o, precision=self.precision)
+        else:
+            def aligned(A, B, w, o):
+                return conv_kernel_matrix(A, B, base, sigma, w, out=o)
+        result = self._pooled(aligned, T1, T2, weights, out if out.is_contiguous() and not diag else None)
+        return result if result is out else out.copy_(result.reshape(out.shape))
 
     def compute_sparse(self, X1, X2, out, diag, **kwargs):
         raise TypeError("ConvMahalanobisKernel needs dense image rows; sparse inputs are not supported")
 
     def extra_mem(self, is_differentiable, is_sparse, dtype, density1=None, density2=None):
         """Temporaries of :meth:`compute` in elements: the torch backend's (see
-        :func:`~falkon_convrfm.ops.dense_memory`), which bound the Triton backend's too."""
-        return dense_memory(self.geometry.num_locations, self.factor.shape[1])
+        :func:`~falkon_convrfm.ops.dense_memory`), which bound the Triton backend's too, plus the
+        pooling window's gathered patches and output block (:func:`~falkon_convrfm.ops.pooling.window_memory`)."""
+        P, r = self.geometry.num_locations, self.factor.shape[1]
+        memory = dense_memory(P, r)
+        if self._partners is not None:
+            for key, value in window_memory(P, r).items():
+                memory[key] = memory.get(key, 0) + value
+        return memory
 
     def _decide_mmv_impl(self, X1, X2, v, opt):
         if self.backend_for(X1, opt) != "torch":
@@ -200,18 +235,24 @@ class ConvMahalanobisKernel(_KernelBase):
         budget = opt.max_gpu_mem if X1.device.type == "cuda" else opt.max_cpu_mem
         T2 = self.patch_features(X2)
         P, r = T2.shape[0], T2.shape[2]
+        base, sigma = self.base, self.sigma
         if self.backend_for(X1, opt) == "keops":
-            res = keops_conv_mmv(self.patch_features(X1), T2, v, self.base, self.sigma, weights, budget)
+            def aligned(A, B, w, o):
+                return keops_conv_mmv(A, B, v, base, sigma, w, budget)
+
+            res = self._pooled(aligned, self.patch_features(X1), T2, weights)
             return res if out is None else out.copy_(res)
         from .ops.triton import triton_conv_mmv, triton_memory
+
+        def aligned(A, B, w, o):
+            return triton_conv_mmv(A, B, v, base, sigma, w, precision=self.precision)
 
         n, m, itemsize = X1.shape[0], X2.shape[0], X1.element_size()
         memory = triton_memory(n, m, P, r, v.shape[1])
         rows = rows_within(budget - (memory["m"] * m + memory["0"]) * itemsize, memory, n, itemsize)
         out = X1.new_empty(n, v.shape[1]) if out is None else out
         for i0 in range(0, n, rows):
-            T1 = self.patch_features(X1[i0 : i0 + rows])
-            out[i0 : i0 + rows] = triton_conv_mmv(T1, T2, v, self.base, self.sigma, weights, precision=self.precision)
+            out[i0 : i0 + rows] = self._pooled(aligned, self.patch_features(X1[i0 : i0 + rows]), T2, weights)
         return out
 
     def _direct_dmmv(self, X1, X2, v, w, kernel=None, out=None, opt=None, **_):
@@ -225,7 +266,7 @@ class ConvMahalanobisKernel(_KernelBase):
         return (
             f"kernel={self.base_kernel!r}, sigma={self.sigma:g}, image_shape={g.image_shape}, "
             f"patch_size={g.patch_size}, stride={g.stride}, padding={g.padding}, rank={self.factor.shape[1]}, "
-            f"backend={self.backend!r}"
+            f"pool_window={self.pool_window}, backend={self.backend!r}"
         )
 
     def __str__(self):

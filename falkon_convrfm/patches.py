@@ -67,6 +67,21 @@ class PatchGeometry:
         c, h, w = self.image_shape
         return c * h * w
 
+    def window_partners(self, window: int) -> torch.Tensor:
+        """Location pairs of a w×w pooling window: (w², P) int64, row k = offset δ_k = (di, dj)
+        (row-major over {−h..h}², h = w // 2), entry p = the location p + δ_k on the (Ho, Wo)
+        grid, or −1 where p + δ_k falls outside it. w = 1 gives the aligned pairs (p, p)."""
+        ho, wo = self.out_shape
+        h = window // 2
+        a = torch.arange(ho).repeat_interleave(wo)
+        b = torch.arange(wo).repeat(ho)
+        rows = []
+        for di in range(-h, h + 1):
+            for dj in range(-h, h + 1):
+                valid = (a + di >= 0) & (a + di < ho) & (b + dj >= 0) & (b + dj < wo)
+                rows.append(torch.where(valid, (a + di) * wo + (b + dj), -1))
+        return torch.stack(rows)
+
     def check_rows(self, rows: torch.Tensor, name: str = "X") -> None:
         """Raise ValueError unless ``rows`` is 2-D with c·H·W columns."""
         if rows.dim() != 2 or rows.shape[1] != self.row_length:
