@@ -1,12 +1,33 @@
-"""falkon-convrfm: learned-metric convolutional kernels (ConvRFM) for Falkon."""
+"""falkon-convrfm: learned-metric convolutional kernels (ConvRFM) for Falkon.
+
+Every public name is importable from here; Falkon is optional (``HAS_FALKON`` says whether it
+imported), so importing the package never fails for lack of it.
+"""
 from ._compat import HAS_FALKON, KernelOptions, keops_available
-from .kernel import ConvMahalanobisKernel
-from .metric import as_metric, metric_factor, normalise_trace, psd_power
-from .patches import PatchGeometry
 from .agop import patch_agop, patch_gradients
+from .cnfa import cnfa_correlation, conv_patch_agop
+from .collapse import nc1, nc2
+from .datasets import (
+    ImageDataset,
+    load_cifar,
+    load_dataset,
+    load_image_folder,
+    load_mnist,
+    load_npz,
+    load_svhn,
+    make_local_signal,
+)
+from .deep import DeepConvRFM, DeepRFM, LayerSpec
+from .estimator import load_model
+from .kernel import ConvMahalanobisKernel, median_patch_distance
+from .metric import as_metric, fixed_metric, metric_factor, normalise_trace, psd_power, update_metric
+from .patches import PatchGeometry
+from .planning import format_plan, plan_memory
+from .preprocessing import Preprocessor, train_val_split, zca_whitening
 from .rfm import ConvRFM
+from .solvers import choose_solver, exact_ridge_fit, fit_kernel_machine, kernel_predict, nystrom_ridge_fit
+from .validation import channels_last_layout, image_rows, resolve_task
 from .viz import plot_filters, plot_history, plot_location_map
-from .solvers import exact_ridge_fit, kernel_predict
 
 __version__ = "0.1.0"
 
@@ -14,18 +35,48 @@ __all__ = [
     "HAS_FALKON",
     "ConvMahalanobisKernel",
     "ConvRFM",
+    "DeepConvRFM",
+    "DeepRFM",
+    "ImageDataset",
     "KernelOptions",
+    "LayerSpec",
     "PatchGeometry",
+    "Preprocessor",
     "as_metric",
+    "channels_last_layout",
+    "choose_solver",
+    "cnfa_correlation",
+    "conv_patch_agop",
     "exact_ridge_fit",
+    "fit_kernel_machine",
+    "fixed_metric",
+    "format_plan",
+    "image_rows",
     "kernel_predict",
     "keops_available",
+    "load_cifar",
+    "load_dataset",
+    "load_image_folder",
+    "load_mnist",
+    "load_model",
+    "load_npz",
+    "load_svhn",
+    "make_local_signal",
+    "median_patch_distance",
     "metric_factor",
+    "nc1",
+    "nc2",
     "normalise_trace",
+    "nystrom_ridge_fit",
     "patch_agop",
     "patch_gradients",
+    "plan_memory",
     "plot_filters",
     "plot_history",
     "plot_location_map",
     "psd_power",
+    "resolve_task",
+    "train_val_split",
+    "update_metric",
+    "zca_whitening",
 ]

@@ -12,59 +12,64 @@ the classifier. With q = 1 on 1×1 "images" this is the fully connected Deep RFM
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import inspect
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from ._compat import resolve_device
-from ._inputs import (
-    encode_labels,
-    image_rows,
-    make_preprocessor,
-    preprocess_rows,
-    resolve_dtype,
-    resolve_task,
-    split_indices,
-)
+from .estimator import RFMEstimator, data_fingerprint, param_default, plain_dataclass
 from .memory import peak_rss
 from .metric import psd_power
 from .patches import PatchGeometry
 from .rfm import ConvRFM
+from .validation import as_tensor, check_choice, positive_int
 
 NONLINEARITIES = ("relu", "none")
+_CONVRFM_PARAMS = tuple(p for p in inspect.signature(ConvRFM.__init__).parameters if p != "self")
 
 
+def _conv(name: str):
+    """ConvRFM's default of ``name``: the one source of the defaults shared with ConvRFM."""
+    return param_default(ConvRFM, name)
+
+
+@plain_dataclass
 @dataclasses.dataclass
 class LayerSpec:
-    """One Deep ConvRFM layer: the ConvRFM that learns M_ℓ and the feature map built from it."""
+    """One Deep ConvRFM layer: the ConvRFM that learns M_ℓ and the feature map built from it.
 
-    patch_size: int = 3
-    stride: int = 1
-    padding: int = 0
+    The fields shared with :class:`ConvRFM` (patch geometry, kernel, sigma, iterations,
+    agop_samples, agop_power, dc_weight) take ConvRFM's defaults; ``width`` (k filters),
+    ``nonlinearity`` (φ: ``"relu"`` or ``"none"``) and ``pool`` (average pooling window, None for
+    none) shape the feature map.
+    """
+
+    patch_size: int = _conv("patch_size")
+    stride: int = _conv("stride")
+    padding: int = _conv("padding")
     width: int = 64
     nonlinearity: str = "relu"
     pool: int | None = 2
-    kernel: str = "laplace"
-    sigma: float | str = "median"
-    iterations: int = 1
-    agop_samples: int = 2000
-    agop_power: float = 1.0
-    dc_weight: float | None = None
+    kernel: str = _conv("kernel")
+    sigma: float | str = _conv("sigma")
+    iterations: int = _conv("iterations")
+    agop_samples: int = _conv("agop_samples")
+    agop_power: float = _conv("agop_power")
+    dc_weight: float | None = _conv("dc_weight")
 
     def __post_init__(self):
-        if self.nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {self.nonlinearity!r}")
-        if self.pool is not None and (int(self.pool) != self.pool or self.pool < 1):
-            raise ValueError(f"pool must be None or a positive integer, got {self.pool!r}")
-        if int(self.width) != self.width or self.width < 1:
-            raise ValueError(f"width must be a positive integer, got {self.width!r}")
+        check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
+        if self.pool is not None:
+            positive_int("pool", self.pool)
+        positive_int("width", self.width)
+
+    def convrfm_params(self) -> dict:
+        """The ConvRFM parameters this layer sets."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _CONVRFM_PARAMS}
 
 
 def random_conv_filters(M: torch.Tensor, channels: int, patch_size: int, width: int, generator) -> torch.Tensor:
@@ -76,7 +81,7 @@ def random_conv_filters(M: torch.Tensor, channels: int, patch_size: int, width: 
 
 def conv_feature_map(images: torch.Tensor, filters: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     """pool(φ(conv2d(images, filters))) for a batch of images (n, c, H, W)."""
-    out = F.conv2d(images, filters.to(images.dtype), stride=spec.stride, padding=spec.padding)
+    out = F.conv2d(images, filters.to(images), stride=spec.stride, padding=spec.padding)
     if spec.nonlinearity == "relu":
         out = F.relu(out)
     if spec.pool and spec.pool > 1:
@@ -100,7 +105,7 @@ def map_rows(rows, image_shape, filters, spec: LayerSpec, max_memory=None):
     return out, out_shape
 
 
-class DeepConvRFM(BaseEstimator):
+class DeepConvRFM(RFMEstimator):
     """Deep ConvRFM: ConvRFM layers turned into random convolutional feature maps, and a final
     ConvRFM classifier on the last maps.
 
@@ -109,9 +114,9 @@ class DeepConvRFM(BaseEstimator):
     layers : sequence of :class:`LayerSpec` (or dicts of its fields), one per feature map.
     final : dict of :class:`ConvRFM` parameters for the classifier on the last maps (patch
         geometry, kernel, sigma, iterations, ...). Shared settings below fill in the rest.
-    penalty, n_centres, solver, maxiter, validation_fraction, preprocess, dtype, device, max_memory, random_state, progress, channels_last
-        As in :class:`ConvRFM`, for every layer (preprocessing is applied once, to the input
-        images).
+    penalty, n_centres, solver, task, maxiter, validation_fraction, preprocess, dtype, device, max_memory, random_state, channels_last, progress
+        As in :class:`ConvRFM` (same defaults), for every layer (preprocessing is applied once,
+        to the input images; ``random_state=None`` draws one seed for the whole model).
     checkpoint_dir : state is saved after every layer (and inside each layer's ConvRFM), so an
         interrupted fit resumes at the layer and iteration where it stopped.
 
@@ -119,35 +124,41 @@ class DeepConvRFM(BaseEstimator):
     ----------
     filters_ : list of (k, c, q, q) filters, one per layer.  metrics_ : the M_ℓ they come from.
     final_ : the fitted final :class:`ConvRFM`.  history_ : per-layer dicts (ConvRFM history,
-    time, peak memory, shapes).  image_shape_, feature_shapes_.
+    time, peak memory, shapes).  image_shape_, feature_shapes_, classes_, task_, seed_.
     """
+
+    _FITTED = ("final_", "filters_", "metrics_", "history_", "image_shape_", "feature_shapes_", "preprocessor_",
+               "task_", "classes_", "seed_")
+    _CHECKPOINT = "deep_state.pt"
 
     def __init__(
         self,
         layers=(LayerSpec(),),
         final=None,
-        penalty=1e-6,
-        n_centres=2000,
-        solver="auto",
-        maxiter=20,
-        validation_fraction=0.1,
-        preprocess=None,
-        dtype="float32",
-        device="cpu",
-        max_memory=None,
-        random_state=None,
-        checkpoint_dir=None,
-        channels_last=False,
-        progress=True,
+        penalty=_conv("penalty"),
+        n_centres=_conv("n_centres"),
+        solver=_conv("solver"),
+        task=_conv("task"),
+        maxiter=_conv("maxiter"),
+        validation_fraction=_conv("validation_fraction"),
+        preprocess=_conv("preprocess"),
+        dtype=_conv("dtype"),
+        device=_conv("device"),
+        max_memory=_conv("max_memory"),
+        random_state=_conv("random_state"),
+        checkpoint_dir=_conv("checkpoint_dir"),
+        channels_last=_conv("channels_last"),
+        progress=_conv("progress"),
     ):
         self.layers = layers
-        self.preprocess = preprocess
         self.final = final
         self.penalty = penalty
         self.n_centres = n_centres
         self.solver = solver
+        self.task = task
         self.maxiter = maxiter
         self.validation_fraction = validation_fraction
+        self.preprocess = preprocess
         self.dtype = dtype
         self.device = device
         self.max_memory = max_memory
@@ -156,71 +167,71 @@ class DeepConvRFM(BaseEstimator):
         self.channels_last = channels_last
         self.progress = progress
 
+    # ------------------------------------------------------------------ parameters
     def _specs(self):
+        if isinstance(self.layers, (LayerSpec, dict, str)) or not hasattr(self.layers, "__iter__"):
+            raise TypeError(f"layers must be a sequence of LayerSpec (or dicts of its fields), got {self.layers!r}")
         return [s if isinstance(s, LayerSpec) else LayerSpec(**s) for s in self.layers]
 
-    def _shared(self, name: str):
-        params = dict(penalty=self.penalty, n_centres=self.n_centres, solver=self.solver, maxiter=self.maxiter,
-                      validation_fraction=self.validation_fraction,
-                      dtype=self.dtype, device=self.device, max_memory=self.max_memory,
-                      random_state=self.random_state, progress=self.progress)
+    def _shared(self, name: str, task, seed) -> dict:
+        """ConvRFM parameters every layer and the final model share; ``name``: its checkpoint folder."""
+        params = dict(penalty=self.penalty, n_centres=self.n_centres, solver=self.solver, task=task, maxiter=self.maxiter,
+                      validation_fraction=self.validation_fraction, dtype=self.dtype, device=self.device,
+                      max_memory=self.max_memory, random_state=seed, progress=self.progress)
         if self.checkpoint_dir is not None:
             params["checkpoint_dir"] = os.path.join(self.checkpoint_dir, name)
         return params
 
+    def _layer_params(self, spec: LayerSpec, index: int, shape, task, seed) -> dict:
+        return dict(image_shape=shape, **spec.convrfm_params(), **self._shared(f"layer{index}", task, seed))
+
+    def _final_params(self, shape, task, seed) -> dict:
+        final = {} if self.final is None else self.final
+        if not isinstance(final, dict):
+            raise TypeError(f"final must be None or a dict of ConvRFM parameters, got {type(final).__name__}")
+        unknown = [k for k in final if k not in _CONVRFM_PARAMS or k == "image_shape"]
+        if unknown:
+            raise ValueError(f"final has keys that are not ConvRFM parameters it may set: {unknown}")
+        return {**self._shared("final", task, seed), **final, "image_shape": shape}
+
     def _layer_rfm(self, spec: LayerSpec, index: int, shape) -> ConvRFM:
-        return ConvRFM(image_shape=shape, patch_size=spec.patch_size, stride=spec.stride, padding=spec.padding, kernel=spec.kernel,
-                       sigma=spec.sigma, iterations=spec.iterations, agop_samples=spec.agop_samples,
-                       agop_power=spec.agop_power, dc_weight=spec.dc_weight, **self._shared(f"layer{index}"))
+        return ConvRFM(**self._layer_params(spec, index, shape, self.task_, self.seed_))
 
     def _final_rfm(self, shape) -> ConvRFM:
-        return ConvRFM(image_shape=shape, **{**self._shared("final"), **(self.final or {})})
+        return ConvRFM(**self._final_params(shape, self.task_, self.seed_))
 
-    def _state_path(self):
-        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, "deep_state.pt")
+    def _check_params(self):
+        """Every parameter, the layers' and the final model's, checked before any work; returns
+        the layer specs."""
+        self._check_shared_params()
+        specs = self._specs()
+        for index, spec in enumerate(specs):
+            ConvRFM(**self._layer_params(spec, index, None, self.task, self.random_state))._check_params()
+        ConvRFM(**self._final_params(None, self.task, self.random_state))._check_params()
+        return specs
 
-    def _split(self, X, y, X_val, y_val):
-        dtype = resolve_dtype(self.dtype)
-        rows, shape = image_rows(X, None, self.channels_last, dtype)
-        y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
-        task = resolve_task(y, "auto")
-        _, classes, codes = encode_labels(y, rows.shape[0], task, dtype)
-        if X_val is not None:
-            Xv, _ = image_rows(X_val, shape, self.channels_last, dtype, name="X_val")
-            yv = torch.as_tensor(np.asarray(y_val)) if not isinstance(y_val, torch.Tensor) else y_val
-            encode_labels(yv, Xv.shape[0], task, dtype, classes)  # validates
-            return rows, y, Xv, yv, shape
-        gen = torch.Generator().manual_seed(int(self.random_state or 0))
-        tr, val = split_indices(rows.shape[0], self.validation_fraction, gen, codes)
-        return rows[tr], y[tr], rows[val], y[val], shape
-
+    # ------------------------------------------------------------------ fit
     def fit(self, X, y, X_val=None, y_val=None):
         """Learn every layer's metric, build its feature map, fit the final ConvRFM. Returns self."""
-        specs = self._specs()
-        resolve_device(self.device)
-        Xtr, ytr, Xval, yval, shape = self._split(X, y, X_val, y_val)
-        self.image_shape_ = shape
-        self.preprocessor_ = make_preprocessor(self.preprocess)
-        if self.preprocessor_ is not None:
-            self.preprocessor_.fit(Xtr.reshape(-1, *shape))
-            Xtr, Xval = (preprocess_rows(self.preprocessor_, t, shape) for t in (Xtr, Xval))
-        if Xval.shape[0] == 0:  # no validation data: each ConvRFM keeps its last iterate
-            Xval, yval = None, None
-        gen = torch.Generator().manual_seed(int(self.random_state or 0))
+        specs = self._check_params()
+        store = self._store()
+        data = self._prepare(X, y, X_val, y_val, self._fit_seed(store))
+        Xtr, Ytr, shape = data.Xtr, data.Ytr, data.image_shape
+        Xval, Yval = (data.Xval, data.Yval) if data.Xval.shape[0] else (None, None)  # none: each ConvRFM keeps its last iterate
+        gen = torch.Generator().manual_seed(self.seed_)
         self.filters_, self.metrics_, self.history_, self.feature_shapes_ = [], [], [], [shape]
-        params = {k: v for k, v in self.get_params().items() if k not in ("progress", "checkpoint_dir")}
-        fingerprint = hashlib.sha1(repr((Xtr.shape, float(Xtr[:100].sum()), specs, params)).encode()).hexdigest()
-        saved = self._load_state(fingerprint)
+        fingerprint, params = data_fingerprint(Xtr, Ytr, data.Xval), self._checkpoint_params()
+        saved = store.load(fingerprint, params)
         for index, spec in enumerate(tqdm(specs, desc="Deep ConvRFM layers", disable=not self.progress)):
             if saved is not None and index < len(saved["filters"]):
-                filters, M, record = saved["filters"][index], saved["metrics"][index], saved["history"][index]
+                filters, M, record = saved["filters"][index].to(Xtr.device), saved["metrics"][index], saved["history"][index]
                 torch.randn(spec.width, M.shape[0], generator=gen, dtype=torch.float64)  # keep the generator in step
             else:
                 tic = time.perf_counter()
                 with peak_rss() as mem:
-                    rfm = self._layer_rfm(spec, index, shape).fit(Xtr, ytr, Xval, yval)
+                    rfm = self._layer_rfm(spec, index, shape).fit(Xtr, Ytr, Xval, Yval)
                     M = rfm.M_
-                    filters = random_conv_filters(M, shape[0], spec.patch_size, spec.width, gen)
+                    filters = random_conv_filters(M, shape[0], spec.patch_size, spec.width, gen).to(Xtr.device)
                 record = {"layer": index, "input_shape": shape, "convrfm_history": rfm.history_,
                           "best_iteration": rfm.best_iteration_, "sigma": rfm.sigma_,
                           "time_layer": time.perf_counter() - tic, "peak_rss_gb": mem["peak"] / 2**30}
@@ -232,77 +243,43 @@ class DeepConvRFM(BaseEstimator):
             self.metrics_.append(M)
             self.history_.append(record)
             self.feature_shapes_.append(shape)
-            self._save_state(fingerprint)
+            store.save(fingerprint, params, self.seed_,
+                       {"filters": self.filters_, "metrics": self.metrics_, "history": self.history_})
         tic = time.perf_counter()
         with peak_rss() as mem:
-            self.final_ = self._final_rfm(shape).fit(Xtr, ytr, Xval, yval)
+            self.final_ = self._final_rfm(shape).fit(Xtr, Ytr, Xval, Yval)
         self.history_.append({"layer": "final", "input_shape": shape, "convrfm_history": self.final_.history_,
                               "best_iteration": self.final_.best_iteration_, "sigma": self.final_.sigma_,
                               "time_layer": time.perf_counter() - tic, "peak_rss_gb": mem["peak"] / 2**30})
         return self
 
-    def _save_state(self, fingerprint):
-        path = self._state_path()
-        if path is None:
-            return
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        torch.save({"fingerprint": fingerprint, "filters": self.filters_, "metrics": self.metrics_,
-                    "history": self.history_}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-    def _load_state(self, fingerprint):
-        path = self._state_path()
-        if path is None or not os.path.exists(path):
-            return None
-        state = torch.load(path, weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            warnings.warn(f"Ignoring {path}: it was made with other data or layers", stacklevel=3)
-            return None
-        return state
-
-    # ------------------------------------------------------------------ predict
-    def transform(self, X, depth: int | None = None) -> torch.Tensor:
-        """Feature maps of X after the first ``depth`` layers (all by default), as rows."""
-        if not hasattr(self, "final_"):
-            raise RuntimeError("This DeepConvRFM is not fitted yet: call fit(X, y) first")
-        rows, shape = image_rows(X, self.image_shape_, self.channels_last, resolve_dtype(self.dtype))
-        rows = preprocess_rows(self.preprocessor_, rows, shape)
+    # ------------------------------------------------------------------ fitted model
+    def _features(self, rows: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Feature maps of prepared rows after the first ``depth`` layers (all by default)."""
+        shape = self.image_shape_
         for spec, filters in list(zip(self._specs(), self.filters_))[:depth]:
             rows, shape = map_rows(rows, shape, filters, spec, self.max_memory)
         return rows
 
-    def decision_function(self, X) -> torch.Tensor:
-        return self.final_.decision_function(self.transform(X))
+    def transform(self, X, depth: int | None = None):
+        """Feature maps of X after the first ``depth`` layers (all by default), as rows (numpy for
+        numpy input, torch for torch input)."""
+        if depth is not None:
+            positive_int("depth", depth, minimum=0)
+        return self._output(self._features(self._rows(X), depth), X)
 
-    def predict(self, X) -> torch.Tensor:
-        return self.final_.predict(self.transform(X))
+    def _device(self) -> torch.device:
+        return self.final_._device()
 
-    def score(self, X, y) -> float:
-        return self.final_.score(self.transform(X), y)
+    def _scores(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.final_._scores(self._features(rows))
 
-    def save(self, path) -> None:
-        """Save parameters, filters, metrics and the final ConvRFM's fitted state."""
-        final = {k: getattr(self.final_, k) for k in ConvRFM._FITTED}
-        torch.save({"class": type(self).__name__, "params": self.get_params(), "filters": self.filters_,
-                    "metrics": self.metrics_, "history": self.history_, "image_shape": self.image_shape_,
-                    "feature_shapes": self.feature_shapes_, "preprocessor": self.preprocessor_, "final_params": self.final_.get_params(),
-                    "final": final}, path)
+    def _to_device(self, device: torch.device) -> None:
+        self.filters_ = [f.to(device) for f in self.filters_]
+        self.final_.to(device)
 
-    @classmethod
-    def load(cls, path):
-        state = torch.load(path, weights_only=False)
-        if state.get("class") != cls.__name__:
-            raise ValueError(f"{path} holds a {state.get('class')!r}, not a {cls.__name__}")
-        model = cls(**state["params"])
-        model.filters_, model.metrics_, model.history_ = state["filters"], state["metrics"], state["history"]
-        model.image_shape_, model.feature_shapes_ = state["image_shape"], state["feature_shapes"]
-        model.preprocessor_ = state["preprocessor"]
-        model.final_ = ConvRFM(**state["final_params"])
-        for k, v in state["final"].items():
-            setattr(model.final_, k, v)
-        model.final_.kernel_ = model.final_._make_kernel(model.final_.M_, model.final_.weights_,
-                                                         model.final_.sigma_, model.final_.image_shape_)
-        return model
+    def _restore(self) -> None:
+        """Nothing to rebuild: the final ConvRFM restores its own kernel."""
 
 
 class DeepRFM(DeepConvRFM):
@@ -310,13 +287,16 @@ class DeepRFM(DeepConvRFM):
     x ↦ φ(W_ℓ x), W_ℓ = Z M_ℓ^{1/2}, layer after layer.
 
     ``widths`` gives k per layer; ``kernel``/``sigma``/``iterations``/``agop_samples`` apply to
-    every layer and to the final RFM. Inputs are (n, D) arrays or tensors.
+    every layer and to the final RFM. Inputs are (n, D) arrays or tensors; the other parameters
+    are those of :class:`DeepConvRFM`.
     """
 
-    def __init__(self, widths=(256,), kernel="laplace", sigma="median", iterations=1, agop_samples=2000,
-                 nonlinearity="relu", penalty=1e-6, n_centres=2000, solver="auto", maxiter=20,
-                 validation_fraction=0.1, preprocess=None, dtype="float32", device="cpu", max_memory=None, random_state=None,
-                 checkpoint_dir=None, progress=True):
+    def __init__(self, widths=(256,), kernel=_conv("kernel"), sigma="median", iterations=1, agop_samples=2000,
+                 nonlinearity="relu", penalty=_conv("penalty"), n_centres=_conv("n_centres"), solver=_conv("solver"),
+                 task=_conv("task"), maxiter=_conv("maxiter"), validation_fraction=_conv("validation_fraction"),
+                 preprocess=_conv("preprocess"), dtype=_conv("dtype"), device=_conv("device"),
+                 max_memory=_conv("max_memory"), random_state=_conv("random_state"),
+                 checkpoint_dir=_conv("checkpoint_dir"), progress=_conv("progress")):
         self.widths = widths
         self.kernel = kernel
         self.sigma = sigma
@@ -324,29 +304,25 @@ class DeepRFM(DeepConvRFM):
         self.agop_samples = agop_samples
         self.nonlinearity = nonlinearity
         super().__init__(
-            layers=None, final=None, penalty=penalty, n_centres=n_centres, solver=solver, maxiter=maxiter,
-            validation_fraction=validation_fraction, preprocess=preprocess, dtype=dtype, device=device, max_memory=max_memory,
-            random_state=random_state, checkpoint_dir=checkpoint_dir, progress=progress,
+            layers=None, final=None, penalty=penalty, n_centres=n_centres, solver=solver, task=task, maxiter=maxiter,
+            validation_fraction=validation_fraction, preprocess=preprocess, dtype=dtype, device=device,
+            max_memory=max_memory, random_state=random_state, checkpoint_dir=checkpoint_dir, progress=progress,
         )
 
     def _specs(self):
+        if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__"):
+            raise TypeError(f"widths must be a sequence of layer widths, got {self.widths!r}")
         return [LayerSpec(patch_size=1, width=w, nonlinearity=self.nonlinearity, pool=None, kernel=self.kernel,
                           sigma=self.sigma, iterations=self.iterations, agop_samples=self.agop_samples)
                 for w in self.widths]
 
-    def _final_rfm(self, shape):
-        return ConvRFM(image_shape=shape, patch_size=1, kernel=self.kernel, sigma=self.sigma, iterations=self.iterations,
-                       agop_samples=self.agop_samples, **self._shared("final"))
+    def _final_params(self, shape, task, seed) -> dict:
+        return dict(image_shape=shape, patch_size=1, kernel=self.kernel, sigma=self.sigma, iterations=self.iterations,
+                    agop_samples=self.agop_samples, **self._shared("final", task, seed))
 
-    @staticmethod
-    def _as_images(X):
-        X = torch.as_tensor(np.asarray(X)) if not isinstance(X, torch.Tensor) else X
-        if X.dim() != 2:
-            raise ValueError(f"DeepRFM takes vectors (n, D), got shape {tuple(X.shape)}")
-        return X[:, :, None, None]
-
-    def fit(self, X, y, X_val=None, y_val=None):
-        return super().fit(self._as_images(X), y, None if X_val is None else self._as_images(X_val), y_val)
-
-    def transform(self, X, depth=None):
-        return super().transform(self._as_images(X), depth)
+    def _input_shape(self, X, name: str, fitted_shape=None):
+        """Vectors (n, D) are (D, 1, 1) images."""
+        shape = tuple(as_tensor(X, name).shape)
+        if len(shape) != 2:
+            raise ValueError(f"DeepRFM takes vectors (n, D), got {name} of shape {shape}")
+        return fitted_shape if fitted_shape is not None else (shape[1], 1, 1)

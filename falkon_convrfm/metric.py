@@ -11,8 +11,9 @@ PSD_RTOL = 1e-6
 def as_metric(M, d: int, name: str = "M") -> torch.Tensor:
     """Validate a d×d symmetric PSD matrix; return it symmetrised, in float64.
 
-    Raises ValueError naming the problem: wrong shape, non-finite entries, asymmetry beyond
-    ``SYMMETRY_RTOL·max|M|``, or an eigenvalue below ``-PSD_RTOL·max|λ|``.
+    Raises ValueError naming the problem: wrong shape, non-finite entries, M = 0 (a constant
+    kernel: every pair of images equally similar), asymmetry beyond ``SYMMETRY_RTOL·max|M|``, or
+    an eigenvalue below ``-PSD_RTOL·max|λ|``.
     """
     if not isinstance(M, torch.Tensor):
         try:
@@ -27,6 +28,8 @@ def as_metric(M, d: int, name: str = "M") -> torch.Tensor:
     if not torch.isfinite(M).all():
         raise ValueError(f"{name} contains NaN or Inf")
     scale = M.abs().max().item()
+    if scale == 0:
+        raise ValueError(f"{name} is zero: the kernel would be constant (every pair of images equally similar)")
     asym = (M - M.T).abs().max().item()
     if asym > SYMMETRY_RTOL * max(scale, 1e-300):
         raise ValueError(f"{name} is not symmetric (max |M - Mᵀ| = {asym:.3g}, max |M| = {scale:.3g})")
@@ -54,7 +57,7 @@ def metric_factor(M: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(M)
     keep = evals > rtol * max(evals[-1].item(), 0.0)
     if not keep.any():
-        return torch.zeros(M.shape[0], 1, dtype=M.dtype)
+        return torch.zeros(M.shape[0], 1, dtype=M.dtype, device=M.device)
     return evecs[:, keep] * evals[keep].sqrt()
 
 
@@ -66,12 +69,12 @@ def normalise_trace(M: torch.Tensor, target: float) -> torch.Tensor:
 
 def dc_direction(d: int) -> torch.Tensor:
     """e = 1/√d: the patch-brightness (DC) direction, the normalised all-ones vector."""
-    return torch.full((d,), d**-0.5, dtype=torch.float64)
+    return torch.full((d,), d**-0.5, dtype=torch.float64, device="cpu")
 
 
 def fixed_metric(d: int, dc_weight: float | None = None) -> torch.Tensor:
     """The fixed patch metric: I, or (I − eeᵀ) + w·eeᵀ when a DC weight w is given."""
-    M = torch.eye(d, dtype=torch.float64)
+    M = torch.eye(d, dtype=torch.float64, device="cpu")
     if dc_weight is None:
         return M
     e = dc_direction(d)
@@ -90,17 +93,27 @@ def update_metric(
     With DC weight w: DC is projected out, G⊥ = (I − eeᵀ) G (I − eeᵀ), and
     M = (d − 1)·G⊥^p / tr(G⊥^p) + w·eeᵀ, so tr(M) = d − 1 + w, the trace of the fixed metric.
     Shrinkage λ: M ← (1 − λ)·M + λ·fixed_metric(d, w).
+
+    G may come on any device and in any floating dtype: the update is computed in float64 on
+    the CPU (d × d, cheap) and M is returned there, like every metric of the package. A G that
+    leaves M = 0 (a constant predictor has a zero AGOP) is a ValueError.
     """
     d = G.shape[0]
-    G = 0.5 * (G + G.T).to(torch.float64)
+    G = G.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(G).all():
+        raise ValueError("the AGOP G contains NaN or Inf")
+    G = 0.5 * (G + G.T)
     if dc_weight is None:
         M = normalise_trace(psd_power(G, power), d)
     else:
         e = dc_direction(d)
-        proj = torch.eye(d, dtype=torch.float64) - torch.outer(e, e)
+        proj = torch.eye(d, dtype=torch.float64, device="cpu") - torch.outer(e, e)
         M = normalise_trace(psd_power(proj @ G @ proj, power), d - 1) + dc_weight * torch.outer(e, e)
     if shrinkage:
         M = (1 - shrinkage) * M + shrinkage * fixed_metric(d, dc_weight)
+    if not M.abs().max() > 0:
+        raise ValueError("the metric update gives M = 0: the AGOP G is zero"
+                         + ("" if dc_weight is None else " outside the DC direction") + " (the fitted predictor is constant)")
     return 0.5 * (M + M.T)
 
 

@@ -5,45 +5,45 @@ Loop (iteration 0 is the fixed kernel):  fit f = K_M(·, centres) α  →  G = p
 """
 from __future__ import annotations
 
-import hashlib
-import os
+import math
 import time
-import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from ._compat import HAS_FALKON, require_falkon, resolve_device
-from ._inputs import (
-    encode_labels,
-    image_rows,
-    make_preprocessor,
-    preprocess_rows,
-    resolve_dtype,
-    resolve_task,
-    split_indices,
-)
+from ._compat import resolve_device
 from .agop import patch_agop
-from .kernel import ConvMahalanobisKernel
+from .estimator import RFMEstimator, data_fingerprint, param_default
+from .kernel import ConvMahalanobisKernel, median_patch_distance
 from .metric import fixed_metric, spectrum_summary, update_metric
-from .ops import BASE_KERNELS
-from .ops.dense import median_patch_distance
 from .patches import PatchGeometry
-from .solvers import fit_kernel_machine, solver_options
+from .solvers import choose_solver, fit_kernel_machine, solver_options
+from .validation import (
+    check_base_kernel,
+    check_bool,
+    check_choice,
+    check_sigma,
+    number_in,
+    positive_int,
+    positive_number,
+    warn,
+)
 
 CHECKPOINT_NAME = "convrfm_checkpoint.pt"
+AGOP_MEMORY_SHARE = 0.25
 
 
-def _fingerprint(*tensors) -> str:
-    """A cheap content hash of the training data (shapes and a strided sample of values)."""
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        flat = t.reshape(-1)
-        h.update(flat[:: max(1, flat.numel() // 100_000)].double().cpu().numpy().tobytes())
-    return h.hexdigest()
+def agop_memory_budget(max_memory) -> dict:
+    """Keyword arguments of :func:`~falkon_convrfm.agop.patch_agop` for a ``max_memory`` budget.
+
+    Rule: ``max_memory`` bounds what one step of a fit allocates. In the AGOP step the chunk
+    temporaries (the ``max_mem`` of ``patch_agop``) get ``AGOP_MEMORY_SHARE`` (a quarter) of it;
+    the rest covers what ``patch_agop`` holds beside its chunks: the transformed centres and row
+    chunk (P·(m + rows)·r), α ⊙ Ṽ and the per-location float64 accumulators. ``None``: no budget,
+    ``patch_agop``'s default (1 GiB of chunk temporaries).
+    """
+    return {} if max_memory is None else {"max_mem": float(max_memory) * AGOP_MEMORY_SHARE}
 
 
 def evaluate(task: str, scores: torch.Tensor, Y: torch.Tensor) -> dict:
@@ -60,7 +60,7 @@ def evaluate(task: str, scores: torch.Tensor, Y: torch.Tensor) -> dict:
     return {"mse": mse, "r2": 1 - mse / var if var > 0 else float("nan")}
 
 
-class ConvRFM(BaseEstimator):
+class ConvRFM(RFMEstimator):
     """Convolutional recursive feature machine with a Falkon (or exact) kernel solver.
 
     Parameters
@@ -74,7 +74,9 @@ class ConvRFM(BaseEstimator):
         M (tr M = d, so ‖u − v‖_M is on the scale of the Euclidean patch distance); for pixels in
         [0, 1] a smaller σ (≈ 0.3–0.5 for 3×3×3 patches) is the analogue. ``tune=True`` picks it.
     penalty : ridge λ (Falkon's convention, multiplied by n).
-    n_centres : Nyström centres (the same rows at every iteration); ignored by ``solver='exact'``.
+    n_centres : Nyström centres of ``solver='falkon'`` / ``'nystrom'`` (the same rows at every
+        iteration). The exact solver uses every training row: a value other than the default
+        then warns, as does one above the number of training rows.
     iterations : number of metric updates T (T + 1 fits).
     agop_power : M ← normalise(G^power); 1 as in the original ConvRFM, 1/2 as in later RFMs.
     agop_samples : training rows on which the AGOP is estimated (default 10 000).
@@ -83,9 +85,13 @@ class ConvRFM(BaseEstimator):
         :func:`falkon_convrfm.metric.update_metric`; on natural images w ≈ 0.2 works well.
     shrinkage : λ ∈ [0, 1]; M ← (1 − λ) M + λ M_fixed.
     location_weights : if True, set ω_p ∝ tr_p^agop_power (where the model looks) at each update.
-    solver : ``"auto"`` (Falkon when importable, else exact), ``"falkon"`` or ``"exact"``.
+    solver : ``"auto"``, ``"falkon"``, ``"exact"`` or ``"nystrom"`` (Nyström by a direct solve, on
+        any device). ``"auto"``: on the CPU Falkon when installed, else exact; on CUDA Falkon when
+        its CUDA extension works, else nystrom (:func:`~falkon_convrfm.solvers.choose_solver`).
     loss : ``"squared"`` (one-hot ridge regression) or ``"logistic"`` (binary, LogisticFalkon).
-    task : ``"auto"`` (integer labels → classification, float → regression), or explicit.
+    task : ``"auto"`` (labels of any hashable kind — integers, strings — and one-hot rows →
+        classification; non-integer floats → regression, with a warning), or explicit; see
+        :func:`~falkon_convrfm.validation.resolve_task`.
     validation_fraction : share of the training data held out (stratified) to select the best
         iterate when ``fit`` is not given validation data. Test data is never needed.
     preprocess : None, ``"standardize"`` (per channel) or ``"zca"`` (standardise, then ZCA
@@ -93,14 +99,23 @@ class ConvRFM(BaseEstimator):
     tune : choose σ and λ on the validation split at iteration 0 from ``sigma_grid`` ×
         ``penalty_grid`` (factors applied to ``sigma`` / ``penalty``).
     maxiter : conjugate-gradient iterations of Falkon.
-    dtype : ``"float32"`` or ``"float64"``.  device : ``"cpu"`` or ``"cuda"``.
+    dtype : ``"float32"`` or ``"float64"``.
+    device : ``"cpu"`` or ``"cuda"``: where the fit runs and the fitted model predicts
+        (``to(device)`` moves a fitted model).
     max_memory : bytes allowed for kernel blocks, K_nm storage and AGOP chunks (None: Falkon's
-        default for the solver, 1 GiB chunks for the AGOP).
-    random_state : int seed for splits, centres and AGOP rows.
+        default for the solver, 1 GiB of AGOP chunks); the AGOP's share is
+        :func:`agop_memory_budget`.
+    random_state : int seed of the split, centres and AGOP rows; None: a fresh seed (see
+        :mod:`falkon_convrfm.estimator`).
     checkpoint_dir : if set, state is saved after every iteration and an interrupted ``fit``
         with the same data and parameters resumes from it.
-    channels_last : ``fit``/``predict`` images are (n, H, W, c).
+    channels_last : ``"auto"`` (detect (n, H, W, c) arrays; an ambiguous shape is an error), True
+        (images are (n, H, W, c)) or False ((n, c, H, W)); see
+        :func:`~falkon_convrfm.validation.channels_last_layout`.
     progress : tqdm progress bars.
+
+    ``predict`` and ``decision_function`` return numpy arrays for numpy input and tensors for
+    torch input; ``save``/``load`` write and read tensors and plain data only.
 
     Attributes
     ----------
@@ -108,7 +123,8 @@ class ConvRFM(BaseEstimator):
     kernel_ : the fitted :class:`ConvMahalanobisKernel`.  centres_, alpha_ : the predictor.
     history_ : list of per-iteration dicts (metrics, spectrum, timings).
     metrics_ : the metric M of every iteration (``metrics_[0]`` is the fixed one).
-    best_iteration_, classes_, image_shape_, task_, sigma_, penalty_.
+    best_iteration_, classes_ (numpy array of the labels), image_shape_, task_, sigma_, penalty_,
+    seed_ (the seed of the fit's random choices).
     """
 
     def __init__(
@@ -141,7 +157,7 @@ class ConvRFM(BaseEstimator):
         max_memory=None,
         random_state=None,
         checkpoint_dir=None,
-        channels_last=False,
+        channels_last="auto",
         progress=True,
     ):
         self.image_shape = image_shape
@@ -175,38 +191,56 @@ class ConvRFM(BaseEstimator):
         self.channels_last = channels_last
         self.progress = progress
 
+    _FITTED = ("M_", "weights_", "centres_", "alpha_", "history_", "metrics_", "preprocessor_", "best_iteration_",
+               "classes_", "image_shape_", "task_", "sigma_", "penalty_", "tuning_", "seed_")
+    _CHECKPOINT = CHECKPOINT_NAME
+
     # ------------------------------------------------------------------ validation
     def _check_params(self):
-        def positive_int(name, minimum=1):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-
-        if self.kernel not in BASE_KERNELS:
-            raise ValueError(f"Unknown base kernel {self.kernel!r}; choose one of {BASE_KERNELS}")
-        if self.sigma != "median" and not (isinstance(self.sigma, (int, float)) and np.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"sigma must be a positive number or 'median', got {self.sigma!r}")
-        for name in ("penalty", "agop_power"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        positive_int("n_centres")
-        positive_int("agop_samples")
-        positive_int("maxiter")
-        positive_int("iterations", minimum=0)
-        if not 0 <= self.shrinkage <= 1:
-            raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage!r}")
-        if self.dc_weight is not None and not self.dc_weight >= 0:
-            raise ValueError(f"dc_weight must be None or >= 0, got {self.dc_weight!r}")
-        if self.solver not in ("auto", "falkon", "exact"):
-            raise ValueError(f"solver must be 'auto', 'falkon' or 'exact', got {self.solver!r}")
-        if self.loss not in ("squared", "logistic"):
-            raise ValueError(f"loss must be 'squared' or 'logistic', got {self.loss!r}")
+        self._check_shared_params()
+        if self.image_shape is not None and (
+            not isinstance(self.image_shape, (tuple, list)) or len(self.image_shape) != 3
+        ):
+            raise ValueError(f"image_shape must be None or (c, H, W), got {self.image_shape!r}")
+        for i, size in enumerate(self.image_shape or ()):
+            positive_int(f"image_shape[{i}]", size)
+        positive_int("patch_size", self.patch_size)
+        positive_int("stride", self.stride)
+        positive_int("padding", self.padding, minimum=0)
+        check_base_kernel(self.kernel)
+        check_sigma(self.sigma, allow=("median",))
+        positive_number("agop_power", self.agop_power)
+        positive_int("agop_samples", self.agop_samples)
+        positive_int("iterations", self.iterations, minimum=0)
+        number_in("shrinkage", self.shrinkage, 0, 1)
+        if self.dc_weight is not None:
+            number_in("dc_weight", self.dc_weight, 0, math.inf)
+        check_bool("location_weights", self.location_weights)
+        check_bool("tune", self.tune)
+        for name in ("sigma_grid", "penalty_grid"):
+            grid = getattr(self, name)
+            if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) == 0:
+                raise ValueError(f"{name} must be a non-empty sequence of positive factors, got {grid!r}")
+            for i, factor in enumerate(grid):
+                positive_number(f"{name}[{i}]", factor)
+        check_choice("loss", self.loss, ("squared", "logistic"))
         if self.solver == "falkon":
-            require_falkon()
-        resolve_dtype(self.dtype)
-        resolve_device(self.device)
-        make_preprocessor(self.preprocess)
+            choose_solver("falkon", resolve_device(self.device))  # Falkon missing: ImportError before any work
+
+    def _warn_ignored(self, solver: str, n: int, n_val: int) -> None:
+        """Warn about parameters whose values this fit cannot use."""
+        cls = type(self)
+        if solver == "exact" and self.n_centres != param_default(cls, "n_centres"):
+            warn(f"n_centres={self.n_centres} is ignored by the exact solver, which uses all {n} training rows as centres")
+        elif solver != "exact" and self.n_centres > n and self.n_centres != param_default(cls, "n_centres"):
+            warn(f"n_centres={self.n_centres} is more than the {n} training rows: all {n} are centres")
+        if self.kernel == "ntk" and self.sigma != param_default(cls, "sigma"):
+            warn(f"sigma={self.sigma!r} is ignored by the ntk base kernel, which has no bandwidth")
+        if solver in ("exact", "nystrom") and self.maxiter != param_default(cls, "maxiter"):
+            warn(f"maxiter={self.maxiter} is ignored by the {solver} solver (a direct solve, no iterations)")
+        if n_val == 0:
+            warn("No validation data: the last iterate is kept (best_iteration_ = iterations)"
+                 + ("; tune=True has nothing to tune on" if self.tune else ""))
 
     # ------------------------------------------------------------------ building blocks
     def _make_kernel(self, M, weights, sigma, image_shape):
@@ -216,8 +250,8 @@ class ConvRFM(BaseEstimator):
         )
 
     def _solve(self, kernel, X, Y, centre_idx, penalty):
-        solver = self.solver if self.solver != "auto" else ("falkon" if HAS_FALKON else "exact")
-        options = solver_options(self.max_memory, self.device) if solver == "falkon" else None
+        solver = choose_solver(self.solver, X.device)
+        options = None if solver == "exact" else solver_options(self.max_memory, self.device)
         return fit_kernel_machine(kernel, X, Y, centre_idx, penalty, solver, self.loss, self.maxiter, options)
 
     def _initial_sigma(self, Xtr, M, image_shape, gen) -> float:
@@ -226,7 +260,7 @@ class ConvRFM(BaseEstimator):
         if self.sigma != "median":
             return float(self.sigma)
         rows = Xtr[torch.randperm(Xtr.shape[0], generator=gen)[:512].to(Xtr.device)]
-        return median_patch_distance(self._make_kernel(M, None, 1.0, image_shape).transform(rows))
+        return median_patch_distance(self._make_kernel(M, None, 1.0, image_shape).patch_features(rows))
 
     def _score_key(self):
         return "accuracy" if self.task_ == "classification" else "r2"
@@ -247,40 +281,18 @@ class ConvRFM(BaseEstimator):
         return best[1], best[2]
 
     # ------------------------------------------------------------------ fit
-    def _prepare(self, X, y, X_val, y_val):
-        """Validated, encoded, split, preprocessed data on the device, the image shape and the
-        seeded generator for the later random choices."""
-        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
-        rows, image_shape = image_rows(X, self.image_shape, self.channels_last, dtype)
+    def _check_image_shape(self, image_shape):
         PatchGeometry(image_shape, self.patch_size, self.stride, self.padding)  # geometry errors early
-        y_t = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
-        self.task_ = resolve_task(y_t, self.task)
-        Y, classes, codes = encode_labels(y_t, rows.shape[0], self.task_, dtype)
+
+    def _prepare(self, X, y, X_val, y_val, seed):
+        """The shared preparation (:meth:`RFMEstimator._prepare`), then ±1 targets for the
+        logistic loss."""
+        data = super()._prepare(X, y, X_val, y_val, seed)
         if self.loss == "logistic":
-            if self.task_ != "classification" or classes.numel() != 2:
+            if self.task_ != "classification" or len(self.classes_) != 2:
                 raise ValueError("loss='logistic' needs a binary classification problem (2 classes)")
-            Y = (2 * Y[:, 1:] - 1).contiguous()  # ±1
-        gen = torch.Generator().manual_seed(
-            int(self.random_state) if self.random_state is not None else int(torch.randint(2**31, ()).item())
-        )
-        if X_val is None:
-            tr, val = split_indices(rows.shape[0], self.validation_fraction, gen, codes)
-            Xtr, Ytr, Xval, Yval = rows[tr], Y[tr], rows[val], Y[val]
-        else:
-            Xtr, Ytr = rows, Y
-            Xval, _ = image_rows(X_val, image_shape, self.channels_last, dtype, name="X_val")
-            Yval, _, _ = encode_labels(y_val, Xval.shape[0], self.task_, dtype, classes)
-            if self.loss == "logistic":
-                Yval = 2 * Yval[:, 1:] - 1
-        self.preprocessor_ = make_preprocessor(self.preprocess)
-        if self.preprocessor_ is not None:
-            self.preprocessor_.fit(Xtr.reshape(-1, *image_shape))
-            Xtr, Xval = (preprocess_rows(self.preprocessor_, t, image_shape) for t in (Xtr, Xval))
-        if Xval.shape[0] == 0:
-            warnings.warn("No validation data: the last iterate is kept (best_iteration_ = iterations)", stacklevel=3)
-        Xtr, Ytr, Xval, Yval = (t.to(device) for t in (Xtr, Ytr, Xval, Yval))
-        self.classes_, self.image_shape_ = classes, image_shape
-        return Xtr, Ytr, Xval, Yval, image_shape, gen
+            data.Ytr, data.Yval = ((2 * t[:, 1:] - 1).contiguous() for t in (data.Ytr, data.Yval))
+        return data
 
     def fit(self, X, y, X_val=None, y_val=None):
         """Fit on images X (see ``image_shape`` / ``channels_last``) and labels or targets y.
@@ -289,17 +301,23 @@ class ConvRFM(BaseEstimator):
         if given, else a stratified ``validation_fraction`` of X. Returns self.
         """
         self._check_params()
-        Xtr, Ytr, Xval, Yval, image_shape, gen = self._prepare(X, y, X_val, y_val)
+        store = self._store()
+        seed = self._fit_seed(store)
+        data = self._prepare(X, y, X_val, y_val, seed)
+        Xtr, Ytr, Xval, Yval, image_shape, gen = (data.Xtr, data.Ytr, data.Xval, data.Yval, data.image_shape,
+                                                 data.generator)
         n = Xtr.shape[0]
-        centre_idx = torch.randperm(n, generator=gen)[: min(self.n_centres, n)].sort().values
-        agop_idx = torch.randperm(n, generator=gen)[: min(self.agop_samples, n)].sort().values
+        self._warn_ignored(choose_solver(self.solver, Xtr.device), n, Xval.shape[0])
+        centre_idx = torch.randperm(n, generator=gen)[: min(self.n_centres, n)].sort().values.to(Xtr.device)
+        agop_idx = torch.randperm(n, generator=gen)[: min(self.agop_samples, n)].sort().values.to(Xtr.device)
         d = PatchGeometry(image_shape, self.patch_size).patch_dim
         M, weights = fixed_metric(d, self.dc_weight), None
         self.sigma_, self.penalty_, self.tuning_ = self._initial_sigma(Xtr, M, image_shape, gen), float(self.penalty), []
-        fingerprint = _fingerprint(Xtr, Ytr, Xval)
-        state = self._load_checkpoint(fingerprint)
+        fingerprint, params = data_fingerprint(Xtr, Ytr, Xval), self._checkpoint_params()
+        state = store.load(fingerprint, params)  # tensors on the CPU; the predictor goes to the fit device
         if state is not None:
             start, M, weights, best = state["next"], state["M"], state["weights"], state["best"]
+            best["centres"], best["alpha"] = best["centres"].to(Xtr.device), best["alpha"].to(Xtr.device)
             self.history_, self.metrics_ = state["history"], state["metrics"]
             self.sigma_, self.penalty_, self.tuning_ = state["sigma"], state["penalty"], state["tuning"]
         else:
@@ -326,10 +344,11 @@ class ConvRFM(BaseEstimator):
             self.metrics_.append(M)
             score = record.get("val_" + key, -np.inf if Xval.shape[0] else t)
             if best is None or score > best["score"]:
-                best = {"score": score, "iteration": t, "M": M, "weights": weights, "centres": centres.cpu(), "alpha": alpha.cpu()}
+                best = {"score": score, "iteration": t, "M": M, "weights": weights, "centres": centres, "alpha": alpha}
             if t < self.iterations:
                 tic = time.perf_counter()
-                G, share = patch_agop(kernel, centres, alpha, Xa, **self._agop_mem(), progress=self.progress)
+                G, share = patch_agop(kernel, centres, alpha, Xa, **agop_memory_budget(self.max_memory),
+                                      progress=self.progress)
                 record["time_agop"] = time.perf_counter() - tic
                 tic = time.perf_counter()
                 M = update_metric(G, self.agop_power, self.dc_weight, self.shrinkage)
@@ -339,96 +358,28 @@ class ConvRFM(BaseEstimator):
                 record["location_share"] = share.cpu().tolist()
             self.history_.append(record)
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.startswith("val_")})
-            self._save_checkpoint(fingerprint, t + 1, M, weights, best)
+            store.save(fingerprint, params, seed, {
+                "next": t + 1, "M": M, "weights": weights, "best": best, "history": self.history_,
+                "metrics": self.metrics_, "sigma": self.sigma_, "penalty": self.penalty_, "tuning": self.tuning_})
         self._set_best(best)
         return self
-
-    def _agop_mem(self):
-        return {} if self.max_memory is None else {"max_mem": float(self.max_memory) / 4}
 
     def _set_best(self, best):
         self.best_iteration_ = best["iteration"]
         self.M_, self.weights_ = best["M"], best["weights"]
         self.centres_, self.alpha_ = best["centres"], best["alpha"]
-        self.kernel_ = self._make_kernel(self.M_, self.weights_, self.sigma_, self.image_shape_)
+        self._restore()
 
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_path(self):
-        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, CHECKPOINT_NAME)
+    # ------------------------------------------------------------------ fitted model
+    def _device(self) -> torch.device:
+        return self.alpha_.device
 
-    def _save_checkpoint(self, fingerprint, next_iteration, M, weights, best):
-        path = self._checkpoint_path()
-        if path is None:
-            return
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        state = {
-            "fingerprint": fingerprint, "params": self._checkpoint_params(), "next": next_iteration,
-            "M": M, "weights": weights, "best": best, "history": self.history_, "metrics": self.metrics_,
-            "sigma": self.sigma_, "penalty": self.penalty_, "tuning": self.tuning_,
-        }
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a kill never leaves a half-written checkpoint
-
-    def _checkpoint_params(self):
-        return {k: v for k, v in self.get_params().items() if k not in ("progress", "checkpoint_dir")}
-
-    def _load_checkpoint(self, fingerprint):
-        path = self._checkpoint_path()
-        if path is None or not os.path.exists(path):
-            return None
-        state = torch.load(path, weights_only=False)
-        if state["fingerprint"] != fingerprint or state["params"] != self._checkpoint_params():
-            warnings.warn(f"Ignoring checkpoint {path}: it was made with other data or parameters", stacklevel=3)
-            return None
-        return state
-
-    # ------------------------------------------------------------------ predict
-    def _check_fitted(self):
-        if not hasattr(self, "M_"):
-            raise RuntimeError("This ConvRFM is not fitted yet: call fit(X, y) first")
-
-    def decision_function(self, X) -> torch.Tensor:
-        """f(X) = K_M(X, centres) α (n, C): class scores or regression outputs."""
-        self._check_fitted()
-        rows, _ = image_rows(X, self.image_shape_, self.channels_last, resolve_dtype(self.dtype))
-        rows = preprocess_rows(self.preprocessor_, rows, self.image_shape_).to(self.alpha_.device)
+    def _scores(self, rows: torch.Tensor) -> torch.Tensor:
+        """f(rows) = K_M(rows, centres) α (n, C), on the model's device."""
         return self.kernel_.mmv(rows, self.centres_.to(rows.dtype), self.alpha_.to(rows.dtype))
 
-    def predict(self, X) -> torch.Tensor:
-        """Class labels (classification) or real predictions (regression)."""
-        scores = self.decision_function(X)
-        if self.task_ == "regression":
-            return scores.squeeze(1) if scores.shape[1] == 1 else scores
-        codes = (scores[:, 0] > 0).long() if scores.shape[1] == 1 else scores.argmax(1)
-        return self.classes_[codes.cpu()]
+    def _to_device(self, device: torch.device) -> None:
+        self.centres_, self.alpha_ = self.centres_.to(device), self.alpha_.to(device)
 
-    def score(self, X, y) -> float:
-        """Accuracy (classification) or R² (regression)."""
-        pred = self.predict(X)
-        y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
-        if self.task_ == "classification":
-            return (pred == y.to(pred.dtype)).double().mean().item()
-        y = y.to(pred.dtype).reshape(pred.shape)
-        return 1 - ((pred - y) ** 2).sum().item() / ((y - y.mean(0)) ** 2).sum().item()
-
-    # ------------------------------------------------------------------ persistence
-    _FITTED = ("M_", "weights_", "centres_", "alpha_", "history_", "metrics_", "preprocessor_", "best_iteration_", "classes_",
-               "image_shape_", "task_", "sigma_", "penalty_", "tuning_")
-
-    def save(self, path) -> None:
-        """Save parameters and fitted state (torch.save)."""
-        self._check_fitted()
-        torch.save({"class": type(self).__name__, "params": self.get_params(),
-                    "fitted": {k: getattr(self, k) for k in self._FITTED}}, path)
-
-    @classmethod
-    def load(cls, path) -> "ConvRFM":
-        """Load a model written by :meth:`save`."""
-        state = torch.load(path, weights_only=False)
-        if state.get("class") != cls.__name__:
-            raise ValueError(f"{path} holds a {state.get('class')!r}, not a {cls.__name__}")
-        model = cls(**state["params"])
-        for k, v in state["fitted"].items():
-            setattr(model, k, v)
-        model.kernel_ = model._make_kernel(model.M_, model.weights_, model.sigma_, model.image_shape_)
-        return model
+    def _restore(self) -> None:
+        self.kernel_ = self._make_kernel(self.M_, self.weights_, self.sigma_, self.image_shape_)

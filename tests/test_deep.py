@@ -49,7 +49,7 @@ def direct_feature_map(images, filters, q, stride, padding, nonlinearity, pool):
 
 
 def rel_err(result, reference) -> float:
-    result, reference = result.double(), reference.double()
+    result, reference = torch.as_tensor(result).double(), torch.as_tensor(reference).double()  # numpy or torch
     assert result.shape == reference.shape, (result.shape, reference.shape)
     scale = reference.abs().max().item()
     return (result - reference).abs().max().item() / (scale if scale > 0 else 1.0)
@@ -140,6 +140,24 @@ def test_layer_spec_validation(kwargs, match):
         LayerSpec(**kwargs)
 
 
+def test_defaults_come_from_convrfm():
+    """One source of defaults: LayerSpec's ConvRFM fields and the deep models' shared parameters
+    take ConvRFM's defaults."""
+    import inspect
+
+    from falkon_convrfm import ConvRFM
+
+    conv = {k: p.default for k, p in inspect.signature(ConvRFM.__init__).parameters.items() if k != "self"}
+    spec = LayerSpec()
+    for name in ("patch_size", "stride", "padding", "kernel", "sigma", "iterations", "agop_samples", "agop_power",
+                 "dc_weight"):
+        assert getattr(spec, name) == conv[name], name
+    for cls in (DeepConvRFM, DeepRFM):
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if name in conv and name not in ("kernel", "sigma", "iterations", "agop_samples"):  # DeepRFM's own
+                assert p.default == conv[name], (cls.__name__, name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Two-layer DeepConvRFM with fixed metrics (0 ConvRFM iterations: M_ℓ = I)
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +211,7 @@ def test_deep_fixed_transform_matches_direct(deep_fixed):
     h2 = direct_feature_map(h1, model.filters_[1], 3, 1, 1, "relu", 2)
     assert rel_err(model.transform(X[:8], depth=1), h1.reshape(8, -1)) <= 1e-12
     assert rel_err(model.transform(X[:8]), h2.reshape(8, -1)) <= 1e-12
-    assert torch.equal(model.transform(X[:8], depth=0), x.reshape(8, -1))
+    assert np.array_equal(model.transform(X[:8], depth=0), X[:8].reshape(8, -1))  # numpy in → numpy out
 
 
 def test_deep_fixed_final_kernel_matches_naive(deep_fixed):
@@ -212,7 +230,7 @@ def test_deep_fixed_final_kernel_matches_naive(deep_fixed):
     K_pkg = ConvMahalanobisKernel(None, (3, 2, 2), 2, kernel="gaussian", sigma=final.sigma_)(h2, h2)
     assert naive.relative_error(K, K_pkg) <= 1e-10
     # predictions: the final ConvRFM on the direct features
-    assert torch.allclose(model.decision_function(X[:6]), final.decision_function(h2), rtol=0, atol=1e-12)
+    assert torch.allclose(model.decision_function(x), final.decision_function(h2), rtol=0, atol=1e-12)
 
 
 def test_deep_first_map_is_plain_random_convolution():
@@ -250,9 +268,9 @@ def test_deep_save_load_round_trip(deep_fixed, tmp_path):
     model.save(path)
     loaded = DeepConvRFM.load(path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.filters_, model.filters_))
-    assert torch.equal(loaded.transform(X), model.transform(X))
-    assert torch.equal(loaded.decision_function(X), model.decision_function(X))
-    assert torch.equal(loaded.predict(X), model.predict(X))
+    assert np.array_equal(loaded.transform(X), model.transform(X))
+    assert np.array_equal(loaded.decision_function(X), model.decision_function(X))
+    assert np.array_equal(loaded.predict(X), model.predict(X))
     assert loaded.score(X, y) == model.score(X, y)
     with pytest.raises(ValueError, match="DeepConvRFM"):
         DeepRFM.load(path)
@@ -282,7 +300,7 @@ def test_deep_resume_after_kill_between_layers(tmp_path, monkeypatch):
     resumed = deep_model(checkpoint_dir=str(tmp_path)).fit(X, y)
     assert torch.equal(resumed.filters_[0], reference.filters_[0])
     assert torch.equal(resumed.filters_[1], reference.filters_[1])  # fails: generator out of step
-    assert torch.allclose(resumed.decision_function(X), reference.decision_function(X))
+    assert np.allclose(resumed.decision_function(X), reference.decision_function(X))
 
 
 @pytest.mark.filterwarnings("ignore:Ignoring checkpoint")
@@ -369,11 +387,11 @@ def test_deep_rfm_checkpoint_resume(tmp_path, monkeypatch):
     assert calls == {"agop": 0, "layer": 0}, "the second fit should load every layer and the final state"
     for a, b in zip(first.filters_, second.filters_):
         assert torch.equal(a, b)
-    assert torch.equal(first.decision_function(X), second.decision_function(X))
+    assert np.array_equal(first.decision_function(X), second.decision_function(X))
     # and both equal a fit without checkpoints
     plain = deep_rfm(widths=(16, 8)).fit(X, y)
     assert all(torch.equal(a, b) for a, b in zip(plain.filters_, first.filters_))
-    assert torch.equal(plain.decision_function(X), first.decision_function(X))
+    assert np.array_equal(plain.decision_function(X), first.decision_function(X))
 
 
 def test_deep_rfm_save_load(rfm_vectors, tmp_path):
@@ -381,7 +399,7 @@ def test_deep_rfm_save_load(rfm_vectors, tmp_path):
     model.save(tmp_path / "rfm.pt")
     loaded = DeepRFM.load(tmp_path / "rfm.pt")
     assert loaded.widths == model.widths
-    assert torch.equal(loaded.predict(X), model.predict(X))
+    assert np.array_equal(loaded.predict(X), model.predict(X))
 
 
 def test_deep_rfm_rejects_images():
