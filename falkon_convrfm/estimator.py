@@ -30,7 +30,7 @@ import torch
 from sklearn.base import BaseEstimator
 
 from ._compat import resolve_device
-from .preprocessing import Preprocessor
+from .preprocessing import Preprocessor, train_val_split
 from .solvers import SOLVERS
 from .validation import (
     TASKS,
@@ -48,7 +48,6 @@ from .validation import (
     preprocess_rows,
     resolve_dtype,
     resolve_task,
-    split_indices,
     warn,
 )
 
@@ -298,7 +297,7 @@ class RFMEstimator(BaseEstimator):
         if (X_val is None) != (y_val is None):
             raise ValueError("pass both X_val and y_val, or neither")
         if X_val is None:
-            tr, val = split_indices(rows.shape[0], self.validation_fraction, generator, codes)
+            tr, val = train_val_split(rows.shape[0], self.validation_fraction, seed, None if codes is None else codes.numpy())
             Xtr, Ytr, Xval, Yval = rows[tr], Y[tr], rows[val], Y[val]
         else:
             Xtr, Ytr = rows, Y

@@ -324,27 +324,6 @@ def encode_labels(y, n: int, task: str, dtype, classes=None, name: str = "y"):
 
 
 # ---------------------------------------------------------------------------- split
-def split_indices(n: int, fraction: float, generator: torch.Generator, codes=None):
-    """(train, validation) index tensors; stratified by ``codes`` when given: each class gives
-    round(fraction · its count) validation rows. ``fraction=0``: no validation rows."""
-    number_in("validation_fraction", fraction, 0, 1, high_open=True)
-    if fraction == 0:
-        return torch.arange(n), torch.arange(0)
-    if codes is None:
-        perm = torch.randperm(n, generator=generator)
-        n_val = max(1, int(round(fraction * n)))
-        return perm[n_val:].sort().values, perm[:n_val].sort().values
-    val = []
-    for c in torch.unique(codes):
-        idx = torch.nonzero(codes == c).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=generator)]
-        val.append(idx[: int(round(fraction * idx.numel()))])
-    val = torch.cat(val).sort().values
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[val] = False
-    return torch.nonzero(mask).flatten(), val
-
-
 # ---------------------------------------------------------------------------- preprocessing
 PREPROCESSING = (None, "standardize", "zca")
 
