@@ -87,6 +87,21 @@ def agop_memory(n: int, P: int, m: int, r: int, C: int, itemsize: int, max_mem: 
                + P * r * r * 8)
 
 
+AGOP_MEMORY_SHARE = 0.25
+
+
+def agop_memory_budget(max_memory) -> dict:
+    """Keyword arguments of :func:`~falkon_convrfm.agop.patch_agop` for a ``max_memory`` budget.
+
+    Rule: ``max_memory`` bounds what one step of a fit allocates. In the AGOP step the chunk
+    temporaries (the ``max_mem`` of ``patch_agop``) get ``AGOP_MEMORY_SHARE`` (a quarter) of it;
+    the rest covers what ``patch_agop`` holds beside its chunks: the transformed centres and row
+    chunk (P·(m + rows)·r), α ⊙ Ṽ and the per-location float64 accumulators. ``None``: no budget,
+    ``patch_agop``'s default (1 GiB of chunk temporaries).
+    """
+    return {} if max_memory is None else {"max_mem": float(max_memory) * AGOP_MEMORY_SHARE}
+
+
 def patch_agop(
     kernel,
     centres: torch.Tensor,

@@ -44,6 +44,18 @@ def median_patch_distance(T: torch.Tensor) -> float:
     return torch.linalg.vector_norm(T[:, 1:] - T[:, :-1], dim=-1).median().item()
 
 
+def kernel_memory(num_locations: int, rank: int, pool_window: int = 1) -> dict:
+    """Elements one ``compute`` call allocates, in Falkon's ``extra_mem`` form: the torch backend's
+    (:func:`~falkon_convrfm.ops.dense_memory`), which bound the Triton backend's too, plus for a
+    pooling window its gathered patches and output block
+    (:func:`~falkon_convrfm.ops.pooling.window_memory`)."""
+    memory = dense_memory(num_locations, rank)
+    if pool_window > 1:
+        for key, value in window_memory(num_locations, rank).items():
+            memory[key] = memory.get(key, 0) + value
+    return memory
+
+
 class ConvMahalanobisKernel(_KernelBase):
     r"""Aligned-patch convolutional kernel with a learned patch metric M.
 
@@ -208,15 +220,8 @@ class ConvMahalanobisKernel(_KernelBase):
         raise TypeError("ConvMahalanobisKernel needs dense image rows; sparse inputs are not supported")
 
     def extra_mem(self, is_differentiable, is_sparse, dtype, density1=None, density2=None):
-        """Temporaries of :meth:`compute` in elements: the torch backend's (see
-        :func:`~falkon_convrfm.ops.dense_memory`), which bound the Triton backend's too, plus the
-        pooling window's gathered patches and output block (:func:`~falkon_convrfm.ops.pooling.window_memory`)."""
-        P, r = self.geometry.num_locations, self.factor.shape[1]
-        memory = dense_memory(P, r)
-        if self._partners is not None:
-            for key, value in window_memory(P, r).items():
-                memory[key] = memory.get(key, 0) + value
-        return memory
+        """Temporaries of :meth:`compute` in elements, see :func:`kernel_memory`."""
+        return kernel_memory(self.geometry.num_locations, self.factor.shape[1], self.pool_window)
 
     def _decide_mmv_impl(self, X1, X2, v, opt):
         if self.backend_for(X1, opt) != "torch":

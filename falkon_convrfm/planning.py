@@ -1,79 +1,85 @@
 """Memory model of a ConvRFM fit: bytes per phase, peak, and the largest centre count that fits.
 
-All terms follow the code: the kernel's declared temporaries (``extra_mem``), Falkon's stored
-K_nm and preconditioner, the AGOP chunk rule of :func:`~falkon_convrfm.agop.patch_agop` and the
-deep feature maps. Sizes are for one device holding everything (CPU RAM, or one GPU with the
+All terms follow the code: the kernel's declared temporaries (``extra_mem``), the solver's
+matrices (Falkon: stored K_nm and preconditioner; ``nystrom``: the float64 normal equations and
+one K_nm row block), the AGOP chunk rule of :func:`~falkon_convrfm.agop.patch_agop` and the deep
+feature maps. Sizes are for one device holding everything (CPU RAM, or one GPU with the
 data in-core).
 """
 from __future__ import annotations
 
-from .agop import agop_memory
-from .ops import dense_memory
+from .agop import agop_memory, agop_memory_budget
+from .kernel import kernel_memory
+from .solvers import DEFAULT_BLOCK_MEMORY
 from .patches import PatchGeometry
 
 BYTES = {"float32": 4, "float64": 8}
 
 
-def kernel_temporaries(geometry: PatchGeometry, rows: int, cols: int, rank: int, itemsize: int) -> int:
+def kernel_temporaries(geometry: PatchGeometry, rows: int, cols: int, rank: int, itemsize: int,
+                       pool_window: int = 1) -> int:
     """Bytes of one ``compute`` call on a rows × cols block (the kernel's ``extra_mem``)."""
-    extra = dense_memory(geometry.num_locations, rank)
-    return int((extra["n"] * rows + extra["m"] * cols + extra["0"]) * itemsize)
+    extra = kernel_memory(geometry.num_locations, rank, pool_window)
+    return int((extra["n"] * rows + extra["m"] * cols + extra.get("nm", 0) * rows * cols + extra["0"]) * itemsize)
 
 
 def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, padding: int = 0,
                 centres: int = 10_000, dtype: str = "float32", device_memory: float = 80 * 2**30,
                 n_outputs: int = 10, agop_samples: int = 10_000, n_val: int = 0, rank: int | None = None,
-                block_budget: float | None = None, feature_channels: int | None = None, pool: int = 1) -> dict:
+                block_budget: float | None = None, feature_channels: int | None = None, pool: int = 1,
+                solver: str = "falkon", pool_window: int = 1) -> dict:
     """Memory of each phase of a ConvRFM fit (bytes), the peak, and the largest centre count
     whose peak fits in ``device_memory``.
 
     ``rank`` defaults to d (a full-rank metric). ``block_budget``: Falkon's ``max_*_mem``
     (None: unbounded, blocks as large as the data). ``feature_channels``/``pool``: also size the
-    feature maps of a Deep ConvRFM layer with that width.
+    feature maps of a Deep ConvRFM layer with that width. ``solver``: ``"falkon"`` or
+    ``"nystrom"`` (the direct solve, whose row blocks get ``block_budget`` or 1 GiB).
+    ``pool_window``: the kernel's local pooling window.
     """
     s = BYTES[dtype]
     geo = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
     r = geo.patch_dim if rank is None else rank
 
+    def solver_phases(m: int) -> dict:
+        blocks = kernel_temporaries(geo, n, m, r, s, pool_window)
+        if solver == "nystrom":  # A = K_nmᵀK_nm + nλK_mm and its Cholesky factor, one K_nm row block
+            budget = DEFAULT_BLOCK_MEMORY if block_budget is None else block_budget
+            return {"normal equations": 2 * m * m * 8, "K_nm block": int(min(n * m * (s + 16) + blocks, budget))}
+        return {"K_nm (stored)": n * m * s, "preconditioner": 2 * m * m * s,
+                "kernel blocks": blocks if block_budget is None else min(blocks, int(block_budget))}
+
     def phases(m: int) -> dict:
-        blocks = kernel_temporaries(geo, n, m, r, s)
-        if block_budget is not None:
-            blocks = min(blocks, int(block_budget))
-        out = {
-            "data": (n + n_val) * geo.row_length * s,
-            "centres": m * geo.row_length * s,
-            "K_nm (stored)": n * m * s,
-            "preconditioner": 2 * m * m * s,
-            "kernel blocks": blocks,
-            "AGOP": agop_memory(min(agop_samples, n), geo.num_locations, m, r, n_outputs, s),
-        }
+        out = {"data": (n + n_val) * geo.row_length * s, "centres": m * geo.row_length * s, **solver_phases(m),
+               "AGOP": agop_memory(min(agop_samples, n), geo.num_locations, m, r, n_outputs, s,
+                                   **agop_memory_budget(block_budget))}
         if feature_channels:
             ho, wo = geo.out_shape
             out["feature maps"] = (n + n_val) * feature_channels * (ho // pool) * (wo // pool) * s
         return out
 
-    def peak(ph: dict) -> int:
-        """Resident data, centres and feature maps, plus the larger of the solver phase (K_nm,
-        preconditioner, kernel blocks) and the AGOP phase (K_nm is released after each fit)."""
+    def peak(m: int) -> int:
+        """Resident data, centres and feature maps, plus the larger of the solver phase and the
+        AGOP phase (the solver's matrices are released after each fit)."""
+        ph = phases(m)
         resident = ph["data"] + ph["centres"] + ph.get("feature maps", 0)
-        solver = ph["K_nm (stored)"] + ph["preconditioner"] + ph["kernel blocks"]
-        return resident + max(solver, ph["AGOP"])
+        return resident + max(sum(solver_phases(m).values()), ph["AGOP"])
 
-    current = phases(centres)
     lo, hi = 0, max(centres, 1)
-    while peak(phases(hi)) <= device_memory and hi < n:
+    while peak(hi) <= device_memory and hi < n:
         hi = min(n, hi * 2)
     while lo < hi:  # largest m with peak ≤ device_memory
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if peak(phases(mid)) <= device_memory else (lo, mid - 1)
-    return {"n": n, "centres": centres, "dtype": dtype, "phases": current, "peak": peak(current),
-            "device_memory": device_memory, "fits": peak(current) <= device_memory, "max_centres": lo}
+        lo, hi = (mid, hi) if peak(mid) <= device_memory else (lo, mid - 1)
+    return {"n": n, "centres": centres, "dtype": dtype, "solver": solver, "phases": phases(centres),
+            "peak": peak(centres), "device_memory": device_memory, "fits": peak(centres) <= device_memory,
+            "max_centres": lo}
 
 
 def format_plan(plan: dict) -> str:
     """A printable table of :func:`plan_memory`'s result."""
     gib = 2**30
-    lines = [f"memory plan: n = {plan['n']}, centres = {plan['centres']}, {plan['dtype']}"]
+    lines = [f"memory plan: n = {plan['n']}, centres = {plan['centres']}, {plan['dtype']}, solver {plan['solver']}"]
     lines += [f"  {name:16s} {b / gib:9.2f} GiB" for name, b in plan["phases"].items()]
     lines.append(f"  {'peak':16s} {plan['peak'] / gib:9.2f} GiB of {plan['device_memory'] / gib:.1f} GiB "
                  f"({'fits' if plan['fits'] else 'does NOT fit'})")

@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ._compat import resolve_device
-from .agop import patch_agop
+from .agop import agop_memory_budget, patch_agop
 from .estimator import RFMEstimator, data_fingerprint, param_default
 from .kernel import ConvMahalanobisKernel, median_patch_distance
-from .metric import fixed_metric, spectrum_summary, update_metric
+from .metric import dc_direction, fixed_metric, spectrum_summary, update_metric
 from .patches import PatchGeometry
 from .solvers import choose_solver, fit_kernel_machine, solver_options
 from .validation import (
@@ -31,19 +31,46 @@ from .validation import (
 )
 
 CHECKPOINT_NAME = "convrfm_checkpoint.pt"
-AGOP_MEMORY_SHARE = 0.25
+DATA_ROWS = 512  # training rows that set the data-adaptive defaults (σ, DC weight)
+AUTO_DC_SHARE = 0.5  # dc_weight="auto" handles DC when it carries at least this share of patch distances²
+AUTO_DC_WEIGHT = 0.2  # ... and then gives it this weight (DESIGN.md §5, docs/results.md)
+DEGENERATE_ROWS = 256  # training rows of the iteration-0 degeneracy check
+DEGENERATE_RTOL = 1e-6  # off-diagonal / diagonal (numerically diagonal) or spread / scale (constant)
 
 
-def agop_memory_budget(max_memory) -> dict:
-    """Keyword arguments of :func:`~falkon_convrfm.agop.patch_agop` for a ``max_memory`` budget.
+def dc_distance_share(T: torch.Tensor) -> float:
+    r"""Share of the squared aligned-patch distances that lies along the DC direction e = 1/√d,
 
-    Rule: ``max_memory`` bounds what one step of a fit allocates. In the AGOP step the chunk
-    temporaries (the ``max_mem`` of ``patch_agop``) get ``AGOP_MEMORY_SHARE`` (a quarter) of it;
-    the rest covers what ``patch_agop`` holds beside its chunks: the transformed centres and row
-    chunk (P·(m + rows)·r), α ⊙ Ṽ and the per-location float64 accumulators. ``None``: no budget,
-    ``patch_agop``'s default (1 GiB of chunk temporaries).
+    .. math::  s = \frac{\sum (e^T (T_{p,i} − T_{p,i+1}))^2}{\sum \lVert T_{p,i} − T_{p,i+1} \rVert^2}
+
+    over consecutive rows i and every location p of patches T (P, n, d) (the pairs of
+    :func:`~falkon_convrfm.kernel.median_patch_distance`). White noise gives s ≈ 1/d; natural
+    images, whose neighbouring pixels move together, give s ≫ 1/d (CIFAR-10, standardised: 0.79
+    for 3×3 patches, 0.68 for 5×5).
     """
-    return {} if max_memory is None else {"max_mem": float(max_memory) * AGOP_MEMORY_SHARE}
+    D = (T[:, 1:] - T[:, :-1]).double()
+    total = D.pow(2).sum().item()
+    return (D @ dc_direction(D.shape[-1]).to(D.device)).pow(2).sum().item() / total if total > 0 else 0.0
+
+
+def auto_dc_weight(share: float) -> float | None:
+    """``dc_weight="auto"``: ``AUTO_DC_WEIGHT`` when DC carries at least ``AUTO_DC_SHARE`` of the
+    patch distances² (:func:`dc_distance_share`; natural images), else None (DC left in the AGOP)."""
+    return AUTO_DC_WEIGHT if share >= AUTO_DC_SHARE else None
+
+
+def degeneracy(K: torch.Tensor, rtol: float = DEGENERATE_RTOL) -> str | None:
+    """``"diagonal"`` when every off-diagonal entry of the square kernel matrix K is within
+    ``rtol`` of 0 relative to its mean diagonal, ``"constant"`` when all its entries lie within
+    ``rtol``·max|K| of each other, else None."""
+    K = K.double()
+    scale = K.abs().max().item()
+    if scale == 0 or K.max().item() - K.min().item() <= rtol * scale:
+        return "constant"
+    off = K - torch.diag_embed(K.diagonal())
+    if K.shape[0] > 1 and off.abs().max().item() <= rtol * K.diagonal().abs().mean().item():
+        return "diagonal"
+    return None
 
 
 def evaluate(task: str, scores: torch.Tensor, Y: torch.Tensor) -> dict:
@@ -68,11 +95,15 @@ class ConvRFM(RFMEstimator):
     image_shape : (c, H, W) or None
         Needed only when ``fit`` gets flat rows; inferred from 4-D / 3-D image input.
     patch_size, stride, padding : patch geometry of the kernel.
+    pool_window : odd w ≥ 1. Local pooling: patch p of one image is compared with the patches in
+        the w×w window around p in the other (see :class:`ConvMahalanobisKernel`); 1 (default) is
+        the aligned kernel; the cost grows as w².
     kernel : ``"laplace"`` (default), ``"gaussian"`` or ``"ntk"``.
-    sigma : bandwidth, or ``"median"`` for the median aligned-patch distance in the iteration-0
-        metric (measured on training rows; the grid of ``tune`` multiplies it). The default 1.0 suits per-channel standardised pixels with trace-normalised
-        M (tr M = d, so ‖u − v‖_M is on the scale of the Euclidean patch distance); for pixels in
-        [0, 1] a smaller σ (≈ 0.3–0.5 for 3×3×3 patches) is the analogue. ``tune=True`` picks it.
+    sigma : bandwidth, or ``"median"`` (default): the median aligned-patch distance in the
+        iteration-0 metric, measured on ``DATA_ROWS`` random training rows after preprocessing
+        (the grid of ``tune`` multiplies it). A number is taken as given; the fit warns (once)
+        when it makes the iteration-0 kernel numerically diagonal (σ far too small: every image
+        looks unrelated to every other) or constant (σ far too large), naming the median value.
     penalty : ridge λ (Falkon's convention, multiplied by n).
     n_centres : Nyström centres of ``solver='falkon'`` / ``'nystrom'`` (the same rows at every
         iteration). The exact solver uses every training row: a value other than the default
@@ -80,9 +111,13 @@ class ConvRFM(RFMEstimator):
     iterations : number of metric updates T (T + 1 fits).
     agop_power : M ← normalise(G^power); 1 as in the original ConvRFM, 1/2 as in later RFMs.
     agop_samples : training rows on which the AGOP is estimated (default 10 000).
-    dc_weight : None keeps the patch-brightness (DC) direction in G. A float w projects DC out of
-        G and gives it the fixed weight w in M (also in the iteration-0 metric), see
-        :func:`falkon_convrfm.metric.update_metric`; on natural images w ≈ 0.2 works well.
+    dc_weight : ``"auto"`` (default), None or a float w ≥ 0. None keeps the patch-brightness (DC)
+        direction in G. A float w projects DC out of G and gives it the fixed weight w in M (also
+        in the iteration-0 metric), see :func:`falkon_convrfm.metric.update_metric`. ``"auto"``
+        measures the share of the squared patch distances that lies along DC
+        (:func:`dc_distance_share`, after preprocessing) and uses w = 0.2 when it is ≥ 0.5
+        (natural images: CIFAR-10 0.68–0.79, where w = 0.2 gains over None), else None (noise-like
+        or sparse images, where DC handling loses); ``dc_weight_`` holds the choice.
     shrinkage : λ ∈ [0, 1]; M ← (1 − λ) M + λ M_fixed.
     location_weights : if True, set ω_p ∝ tr_p^agop_power (where the model looks) at each update.
     solver : ``"auto"``, ``"falkon"``, ``"exact"`` or ``"nystrom"`` (Nyström by a direct solve, on
@@ -94,8 +129,9 @@ class ConvRFM(RFMEstimator):
         :func:`~falkon_convrfm.validation.resolve_task`.
     validation_fraction : share of the training data held out (stratified) to select the best
         iterate when ``fit`` is not given validation data. Test data is never needed.
-    preprocess : None, ``"standardize"`` (per channel) or ``"zca"`` (standardise, then ZCA
-        whitening of whole images), fitted on the training split and applied again by ``predict``.
+    preprocess : ``"standardize"`` (default: per-channel mean 0 and variance 1), None or ``"zca"``
+        (standardise, then ZCA whitening of whole images), fitted on the training split and applied
+        again by ``predict``.
     tune : choose σ and λ on the validation split at iteration 0 from ``sigma_grid`` ×
         ``penalty_grid`` (factors applied to ``sigma`` / ``penalty``).
     maxiter : conjugate-gradient iterations of Falkon.
@@ -124,7 +160,8 @@ class ConvRFM(RFMEstimator):
     history_ : list of per-iteration dicts (metrics, spectrum, timings).
     metrics_ : the metric M of every iteration (``metrics_[0]`` is the fixed one).
     best_iteration_, classes_ (numpy array of the labels), image_shape_, task_, sigma_, penalty_,
-    seed_ (the seed of the fit's random choices).
+    dc_weight_ (the DC weight used: ``dc_weight`` resolved), seed_ (the seed of the fit's random
+    choices).
     """
 
     def __init__(
@@ -133,21 +170,22 @@ class ConvRFM(RFMEstimator):
         patch_size=3,
         stride=1,
         padding=0,
+        pool_window=1,
         kernel="laplace",
-        sigma=1.0,
+        sigma="median",
         penalty=1e-6,
         n_centres=2000,
         iterations=3,
         agop_power=1.0,
         agop_samples=10_000,
-        dc_weight=None,
+        dc_weight="auto",
         shrinkage=0.0,
         location_weights=False,
         solver="auto",
         loss="squared",
         task="auto",
         validation_fraction=0.1,
-        preprocess=None,
+        preprocess="standardize",
         tune=False,
         sigma_grid=(0.5, 1.0, 2.0),
         penalty_grid=(0.1, 1.0, 10.0),
@@ -164,6 +202,7 @@ class ConvRFM(RFMEstimator):
         self.patch_size = patch_size
         self.stride = stride
         self.padding = padding
+        self.pool_window = pool_window
         self.kernel = kernel
         self.sigma = sigma
         self.penalty = penalty
@@ -192,7 +231,7 @@ class ConvRFM(RFMEstimator):
         self.progress = progress
 
     _FITTED = ("M_", "weights_", "centres_", "alpha_", "history_", "metrics_", "preprocessor_", "best_iteration_",
-               "classes_", "image_shape_", "task_", "sigma_", "penalty_", "tuning_", "seed_")
+               "classes_", "image_shape_", "task_", "sigma_", "penalty_", "dc_weight_", "tuning_", "seed_")
     _CHECKPOINT = CHECKPOINT_NAME
 
     # ------------------------------------------------------------------ validation
@@ -207,13 +246,17 @@ class ConvRFM(RFMEstimator):
         positive_int("patch_size", self.patch_size)
         positive_int("stride", self.stride)
         positive_int("padding", self.padding, minimum=0)
+        if positive_int("pool_window", self.pool_window) % 2 == 0:
+            raise ValueError(f"pool_window must be odd (a window centred on each location), got {self.pool_window}")
         check_base_kernel(self.kernel)
         check_sigma(self.sigma, allow=("median",))
         positive_number("agop_power", self.agop_power)
         positive_int("agop_samples", self.agop_samples)
         positive_int("iterations", self.iterations, minimum=0)
         number_in("shrinkage", self.shrinkage, 0, 1)
-        if self.dc_weight is not None:
+        if self.dc_weight is not None and not (isinstance(self.dc_weight, str) and self.dc_weight == "auto"):
+            if isinstance(self.dc_weight, str):
+                raise ValueError(f"dc_weight must be 'auto', None or a number >= 0, got {self.dc_weight!r}")
             number_in("dc_weight", self.dc_weight, 0, math.inf)
         check_bool("location_weights", self.location_weights)
         check_bool("tune", self.tune)
@@ -246,7 +289,8 @@ class ConvRFM(RFMEstimator):
     def _make_kernel(self, M, weights, sigma, image_shape):
         opt = solver_options(self.max_memory, self.device)
         return ConvMahalanobisKernel(
-            M, image_shape, self.patch_size, self.stride, self.padding, self.kernel, sigma, weights, opt
+            M, image_shape, self.patch_size, self.stride, self.padding, self.kernel, sigma, weights, opt,
+            pool_window=self.pool_window,
         )
 
     def _solve(self, kernel, X, Y, centre_idx, penalty):
@@ -254,13 +298,36 @@ class ConvRFM(RFMEstimator):
         options = None if solver == "exact" else solver_options(self.max_memory, self.device)
         return fit_kernel_machine(kernel, X, Y, centre_idx, penalty, solver, self.loss, self.maxiter, options)
 
-    def _initial_sigma(self, Xtr, M, image_shape, gen) -> float:
-        """``sigma``, or with ``sigma='median'`` the median aligned-patch distance in the
-        iteration-0 metric over (up to) 512 random training rows."""
-        if self.sigma != "median":
-            return float(self.sigma)
-        rows = Xtr[torch.randperm(Xtr.shape[0], generator=gen)[:512].to(Xtr.device)]
-        return median_patch_distance(self._make_kernel(M, None, 1.0, image_shape).patch_features(rows))
+    def _data_defaults(self, rows, image_shape):
+        """(DC weight, iteration-0 metric, median aligned-patch distance in it) from training
+        ``rows``: ``dc_weight`` resolved (:func:`auto_dc_weight` for ``"auto"``), M its fixed metric."""
+        kernel = self._make_kernel(None, None, 1.0, image_shape)
+        T = kernel.patch_features(rows)
+        dc_weight = self.dc_weight
+        if isinstance(dc_weight, str):  # "auto"
+            dc_weight = auto_dc_weight(dc_distance_share(T))
+        M = fixed_metric(kernel.geometry.patch_dim, dc_weight)
+        if dc_weight is not None:
+            T = self._make_kernel(M, None, 1.0, image_shape).patch_features(rows)
+        single = T.shape[1] < 2 and self.sigma != "median"  # one training row: no pairs, nothing to measure
+        return dc_weight, M, math.nan if single else median_patch_distance(T)
+
+    def _warn_degenerate(self, kernel, rows, median: float) -> None:
+        """Warn when the iteration-0 kernel matrix on ``rows`` is numerically diagonal or
+        constant (:func:`degeneracy`), naming σ and the median aligned-patch distance."""
+        if not kernel.base.uses_sigma or rows.shape[0] < 2:
+            return
+        rows = rows[:DEGENERATE_ROWS]
+        kind = degeneracy(kernel(rows, rows))
+        if kind is None:
+            return
+        cause = "too small: every image looks unrelated to every other" if kind == "diagonal" else \
+            "too large: every pair of images looks the same"
+        advice = ("this is the median aligned-patch distance, so the images themselves are degenerate "
+                  "(check the preprocessing)" if math.isclose(self.sigma_, median, rel_tol=1e-6)
+                  else f"try sigma={median:.4g}, the median aligned-patch distance (sigma='median')")
+        warn(f"The iteration-0 kernel matrix on {rows.shape[0]} training rows is numerically {kind} with "
+             f"sigma={self.sigma_:.4g} ({cause}); {advice}")
 
     def _score_key(self):
         return "accuracy" if self.task_ == "classification" else "r2"
@@ -310,9 +377,11 @@ class ConvRFM(RFMEstimator):
         self._warn_ignored(choose_solver(self.solver, Xtr.device), n, Xval.shape[0])
         centre_idx = torch.randperm(n, generator=gen)[: min(self.n_centres, n)].sort().values.to(Xtr.device)
         agop_idx = torch.randperm(n, generator=gen)[: min(self.agop_samples, n)].sort().values.to(Xtr.device)
-        d = PatchGeometry(image_shape, self.patch_size).patch_dim
-        M, weights = fixed_metric(d, self.dc_weight), None
-        self.sigma_, self.penalty_, self.tuning_ = self._initial_sigma(Xtr, M, image_shape, gen), float(self.penalty), []
+        rows = Xtr[torch.randperm(n, generator=gen)[:DATA_ROWS].to(Xtr.device)]
+        self.dc_weight_, M, median = self._data_defaults(rows, image_shape)
+        weights = None
+        self.sigma_ = median if self.sigma == "median" else float(self.sigma)
+        self.penalty_, self.tuning_ = float(self.penalty), []
         fingerprint, params = data_fingerprint(Xtr, Ytr, Xval), self._checkpoint_params()
         state = store.load(fingerprint, params)  # tensors on the CPU; the predictor goes to the fit device
         if state is not None:
@@ -332,6 +401,8 @@ class ConvRFM(RFMEstimator):
             record = {"iteration": t, "sigma": self.sigma_, "penalty": self.penalty_}
             tic = time.perf_counter()
             kernel = self._make_kernel(M, weights, self.sigma_, image_shape)
+            if t == 0:
+                self._warn_degenerate(kernel, rows, median)
             centres, alpha = self._solve(kernel, Xtr, Ytr, centre_idx, self.penalty_)
             record["time_fit"] = time.perf_counter() - tic
             tic = time.perf_counter()
