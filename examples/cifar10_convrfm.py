@@ -24,21 +24,34 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import falkon_convrfm as fc
-from falkon_convrfm.datasets import Preprocessor, load_npz
+from falkon_convrfm.datasets import load_npz
 from falkon_convrfm.memory import peak_rss
 from falkon_convrfm.planning import format_plan, plan_memory
+from falkon_convrfm.preprocessing import Preprocessor
+from falkon_convrfm.viz import describe_iterate
 
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_train.npz")
+# The shared CIFAR-10 training file lives beside the repository: <repo>/../shared/data/.
+DEFAULT_DATA = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_train.npz")
+
+
+def existing_data(path) -> str:
+    """``path`` if it is a file, else exit with a one-line message saying what to pass."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: data file not found: {path}. The default is ../shared/data/cifar10_train.npz "
+                         "beside the repository; pass --data PATH (an .npz with 'images' (N, 32, 32, 3) uint8 "
+                         "and 'labels').")
+    return path
 
 
 def parse(argv=None, doc=__doc__, data_default=DEFAULT_DATA):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=data_default, help="dataset file")
+    p.add_argument("--data", default=data_default, help="dataset file (default: %(default)s)")
     p.add_argument("--n-train", type=int, default=10_000)
     p.add_argument("--n-val", type=int, default=5_000)
     p.add_argument("--centres", type=int, default=2_000)
@@ -93,6 +106,7 @@ def load_split(path, n_train, n_val):
 
 def main(argv=None):
     args = parse(argv)
+    existing_data(args.data)
     if args.full and not full_preset(args, len(np.load(args.data)["labels"]), (3, 32, 32)):
         return
     Xtr, ytr, Xval, yval = load_split(args.data, args.n_train, args.n_val)
@@ -125,23 +139,27 @@ def run(args, Xtr, ytr, Xval, yval, name):
     runs["convrfm"] = {"history": model.history_, "seconds": time.perf_counter() - tic,
                        "peak_rss_gb": mem["peak"] / 2**30, "best_iteration": model.best_iteration_}
 
-    print(f"\n{'iteration':>9s} {'metric':>14s} {'train acc':>9s} {'val acc':>8s} {'fit s':>7s} {'agop s':>7s} "
+    print(f"\n{'iteration':>9s} {'metric':>16s} {'train acc':>9s} {'val acc':>8s} {'fit s':>7s} {'agop s':>7s} "
           f"{'update s':>8s} {'DC share':>8s}")
     for h in model.history_:
         label = "fixed" if h["iteration"] == 0 else "learned"
         label += f", DC {dc:g}" if dc is not None else ""
-        print(f"{h['iteration']:9d} {label:>14s} {h['train_accuracy']:9.4f} {h['val_accuracy']:8.4f} "
+        label += " *" if h["iteration"] == model.best_iteration_ else ""
+        print(f"{h['iteration']:9d} {label:>16s} {h['train_accuracy']:9.4f} {h['val_accuracy']:8.4f} "
               f"{h['time_fit'] + h['time_eval']:7.1f} {h.get('time_agop', 0):7.1f} {h.get('time_update', 0):8.3f} "
               f"{h['spectrum']['dc_share']:8.3f}")
-    print(f"best iteration {model.best_iteration_}; peak RSS {runs['convrfm']['peak_rss_gb']:.2f} GiB")
+    print(f"* kept: iteration {model.best_iteration_} (best on validation); "
+          f"peak RSS {runs['convrfm']['peak_rss_gb']:.2f} GiB")
     with open(os.path.join(args.out_dir, "history.json"), "w") as f:
         json.dump({"args": vars(args), "runs": runs}, f, indent=1)
-    fc.plot_filters(model.metrics_[-1], model.image_shape_, args.patch_size, k=8,
-                    path=os.path.join(args.out_dir, "filters.png"), title=f"{name}: top eigenvectors of M (iteration {len(model.metrics_) - 1})")
-    last = model.history_[-2] if len(model.history_) > 1 else None
-    if last is not None and "location_share" in last:
-        fc.plot_location_map(last["location_share"], model.image_shape_, args.patch_size,
-                             path=os.path.join(args.out_dir, "locations.png"))
+    kept = describe_iterate(model.history_, model.best_iteration_)
+    fc.plot_filters(model.M_, model.image_shape_, args.patch_size, k=8, path=os.path.join(args.out_dir, "filters.png"),
+                    title=f"{name}: top eigenvectors of the {kept}")
+    source = max(model.best_iteration_ - 1, 0)  # the AGOP that gave the kept M
+    if "location_share" in model.history_[source]:
+        fc.plot_location_map(model.history_[source]["location_share"], model.image_shape_, args.patch_size,
+                             path=os.path.join(args.out_dir, "locations.png"),
+                             title=f"AGOP share per location, AGOP of iteration {source}")
     print(f"wrote {args.out_dir}/history.json, filters.png")
 
 

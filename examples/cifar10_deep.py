@@ -15,15 +15,15 @@ import os
 import sys
 import time
 
+from cifar10_convrfm import DEFAULT_DATA, existing_data, load_split
+
 from falkon_convrfm.deep import DeepConvRFM, LayerSpec
 from falkon_convrfm.memory import peak_rss
-
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_train.npz")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", default=DEFAULT_DATA, help="dataset file (default: %(default)s)")
     p.add_argument("--n-train", type=int, default=10_000)
     p.add_argument("--n-val", type=int, default=5_000)
     p.add_argument("--centres", type=int, default=2_000)
@@ -46,10 +46,8 @@ def parse(argv=None):
 
 
 def main(argv=None):
-    from cifar10_convrfm import load_split
-
     args = parse(argv)
-    Xtr, ytr, Xval, yval = load_split(args.data, args.n_train, args.n_val)
+    Xtr, ytr, Xval, yval = load_split(existing_data(args.data), args.n_train, args.n_val)
     sigma = args.sigma if args.sigma == "median" else float(args.sigma)
     dc = None if args.dc_weight < 0 else args.dc_weight
     final = dict(patch_size=3, sigma=sigma, iterations=args.iterations, agop_samples=args.agop_samples)

@@ -7,16 +7,16 @@ after training. The AGOP is measured on held-out images.
     python examples/cnfa_check.py [--n-train 10000] [--epochs 3]
 """
 import argparse
-import os
 import time
 
 import torch
 import torch.nn as nn
 
-from falkon_convrfm.cnfa import cnfa_correlation
-from falkon_convrfm.datasets import Preprocessor, load_npz
+from cifar10_convrfm import DEFAULT_DATA, existing_data
 
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_train.npz")
+from falkon_convrfm.cnfa import cnfa_correlation
+from falkon_convrfm.datasets import load_npz
+from falkon_convrfm.preprocessing import Preprocessor
 
 
 def small_cnn() -> nn.Sequential:
@@ -35,14 +35,14 @@ def correlations(net, images):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", default=DEFAULT_DATA, help="dataset file (default: %(default)s)")
     p.add_argument("--n-train", type=int, default=10_000)
     p.add_argument("--n-agop", type=int, default=500, help="held-out images for the AGOP")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    data = load_npz(args.data)
+    data = load_npz(existing_data(args.data))
     X = Preprocessor(scale=True, standardize=True).fit(data.images[: args.n_train]).transform(
         data.images[: args.n_train + args.n_agop])
     Xtr, ytr, Xagop = X[: args.n_train], data.labels[: args.n_train], X[args.n_train :]

@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from cifar10_convrfm import full_preset, parse, run  # noqa: E402
 
-from falkon_convrfm.datasets import Preprocessor, load_svhn  # noqa: E402
+from falkon_convrfm.datasets import load_svhn  # noqa: E402
+from falkon_convrfm.preprocessing import Preprocessor  # noqa: E402
 
 
 def main(argv=None):

@@ -1,59 +1,343 @@
-"""``convrfm``: fit, predict, evaluate, draw filters, plan memory, show backends."""
+"""``convrfm``: fit, predict, evaluate, draw filters, plan memory, show backends.
+
+A user error (a bad option value, a missing, unreadable or wrong file, an output that cannot be
+written) ends the command with one line on stderr, ``convrfm: error: ...``, and exit status 2;
+``--debug`` shows the traceback instead. Output paths are checked before any work is done.
+Ctrl-C exits with status 130; ``fit`` then says that rerunning it resumes from its checkpoint.
+The estimator options take their defaults from the estimators' signatures.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import inspect
 import json
-import os
+import shutil
 import sys
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
-DATASETS = ("digits", "local-signal", "cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "npz", "folder")
+from .base_kernels import BASE_KERNELS
+from .deep import DeepConvRFM, LayerSpec
+from .estimator import param_default
+from .rfm import ConvRFM
+from .solvers import SOLVERS
+from .validation import DTYPES, PREPROCESSING, check_sigma, positive_int, positive_number
+
+PROG = "convrfm"
+BUILTIN_DATASETS = ("digits", "local-signal")  # no --data
+FILE_DATASETS = ("npz", "folder")  # --data is the split's file or folder itself
+DATASETS = (*BUILTIN_DATASETS, "cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", *FILE_DATASETS)
+PREDICTION_SUFFIXES = (".npy", ".csv")
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # FileNotFoundError is an OSError
+CHECKPOINT_SUBDIR = "checkpoint"
+DTYPE_NAMES = tuple(k for k in DTYPES if isinstance(k, str))
+PREPROCESS_NAMES = tuple(p or "none" for p in PREPROCESSING)
+# Estimator parameters the CLI sets from options of the same name (dest): those both models share
+# and those of the ConvRFM (or of a deep model's final ConvRFM) alone. Their defaults are the
+# estimators' own (``param_default``).
+SHARED_PARAMS = ("penalty", "n_centres", "solver", "maxiter", "validation_fraction", "preprocess", "dtype",
+                 "device", "random_state")
+CONV_PARAMS = ("patch_size", "stride", "padding", "pool_window", "kernel", "sigma", "iterations", "agop_samples",
+               "agop_power", "dc_weight")
+
+
+def conv_default(name: str):
+    return param_default(ConvRFM, name)
+
+
+# ---------------------------------------------------------------------------- option types
+def _option_type(parse, check):
+    """An argparse ``type``: ``check(parse(text))`` (``check(text)`` when the text does not parse),
+    whose ValueError becomes the one-line usage error."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = text
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _integer(minimum: int):
+    return _option_type(int, lambda v: positive_int("value", v, minimum))
+
+
+POSITIVE = _option_type(float, lambda v: positive_number("value", v))
+REAL = _option_type(float, float)  # its range is checked by the estimator
+
+
+def _dc_weight(value):
+    """A number (its range is checked by the estimator), 'auto', or 'none' (None)."""
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    if isinstance(value, str):
+        raise ValueError(f"expected a number >= 0, 'auto' or 'none', got {value!r}")
+    return value
+
+
+DC_WEIGHT = _option_type(float, _dc_weight)
+SIGMA = _option_type(float, lambda v: check_sigma(v, allow=("median",)))
+
+
+def _device(name: str) -> str:
+    """``name`` if torch has that device here (resolve_device's RuntimeError as a ValueError)."""
+    from ._compat import resolve_device
+
+    try:
+        resolve_device(name)
+    except RuntimeError as exc:
+        raise ValueError(_one_line(exc)) from None
+    return name
+
+
+DEVICE = _option_type(str, _device)
+
+
+# ---------------------------------------------------------------------------- parser classes
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``convrfm fit: error: ...``), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; options defaulting to None say in their own
+    words what that means."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _one_line(error) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# ---------------------------------------------------------------------------- files and folders
+def _existing_file(path, option: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder, not a file")
+    return path
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """OSError unless a file can be created in the existing folder ``folder``."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OSError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def check_output_dir(path, option: str) -> Path:
+    """``path`` if it is a writable folder or can be created as one (nothing is created)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
+    _probe_writable(existing, f"{option} {path}")
+    return path
+
+
+def check_output_file(path, option: str, suffixes) -> Path:
+    """``path`` if it has one of ``suffixes`` and can be written in an existing folder."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
+                         f"use {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder, not a file")
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {folder} is a file, not a folder")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {path}: folder {folder} does not exist")
+    _probe_writable(folder, f"{option} {path}")
+    return path
+
+
+def _missing_folders(path: Path) -> list:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+@contextlib.contextmanager
+def _no_empty_folders_left(*paths):
+    """On any exception (Ctrl-C too), remove the folders among ``paths`` (and their new
+    ancestors) that did not exist before and are still empty."""
+    created = [p for path in paths for p in _missing_folders(Path(path))]
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                folder.rmdir()
+        raise
 
 
 # ---------------------------------------------------------------------------- data
-def load_data(name: str, path: str | None, split: str):
-    """(images (n, c, H, W) float in [0, 1], labels) for a dataset name and path."""
-    if name == "digits":
+def load_data(dataset: str, path, split: str | None, layout: str | None, default_split: str):
+    """(:class:`~falkon_convrfm.datasets.ImageDataset`, a description naming what was loaded)."""
+    from .datasets import ImageDataset, load_dataset, load_npz
+
+    if layout is not None and dataset != "npz":
+        raise ValueError(f"--layout applies to npz files, not to --dataset {dataset}")
+    if dataset in FILE_DATASETS and split is not None:
+        raise ValueError(f"--split does not apply to --dataset {dataset}: --data names the split's "
+                         f"{'file' if dataset == 'npz' else 'folder'} itself")
+    split = split or default_split
+    if dataset in BUILTIN_DATASETS:
+        if path is not None:
+            raise ValueError(f"--data is not used with --dataset {dataset} (the data is built in)")
+        images, labels = _builtin(dataset, split)
+        return ImageDataset(images, labels), f"{dataset} {split} split"
+    if path is None:
+        raise ValueError(f"--data PATH is required for --dataset {dataset}")
+    if dataset == "npz":
+        return load_npz(path, layout=layout or "auto"), str(path)
+    if dataset == "folder":
+        return load_dataset(dataset, path), str(path)
+    return load_dataset(dataset, path, split=split), f"{dataset} {split} split ({path})"
+
+
+def _builtin(dataset: str, split: str):
+    """scikit-learn's 8×8 digits (70 / 30 stratified split) or the synthetic local-signal task."""
+    if dataset == "digits":
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
         d = load_digits()
         X = (d.images / 16.0).astype(np.float32)[:, None]
-        Xtr, Xte, ytr, yte = train_test_split(X, d.target, test_size=0.3, stratify=d.target, random_state=0)
-        return (torch.from_numpy(Xtr), torch.from_numpy(ytr)) if split == "train" else (torch.from_numpy(Xte), torch.from_numpy(yte))
-    if name == "local-signal":
-        from .datasets import make_local_signal
+        parts = train_test_split(X, d.target, test_size=0.3, stratify=d.target, random_state=0)
+        X, y = (parts[0], parts[2]) if split == "train" else (parts[1], parts[3])
+        return torch.from_numpy(X), torch.from_numpy(y)
+    from .datasets import make_local_signal
 
-        return make_local_signal(2000, random_state=0 if split == "train" else 1)
-    if path is None:
-        raise SystemExit(f"error: --data PATH is required for dataset {name!r}")
-    from .datasets import load_dataset
-
-    data = load_dataset(name, path, split=split)
-    return data.images, data.labels
+    return make_local_signal(2000, random_state=0 if split == "train" else 1)
 
 
-def _subset(X, y, n):
-    return (X, y) if n is None or n >= len(y) else (X[:n], y[:n])
+def _first(data, n: int | None, option: str, name: str):
+    """The first ``n`` images and labels (all when n is None)."""
+    if n is None:
+        return data.images, data.labels
+    if n > len(data.labels):
+        raise ValueError(f"{option} {n}: {name} has only {len(data.labels)} images")
+    return data.images[:n], data.labels[:n]
 
 
-# ---------------------------------------------------------------------------- model io
-def _load_model(path):
-    from .deep import DeepConvRFM
-    from .rfm import ConvRFM
-
-    kind = torch.load(path, weights_only=False).get("class")
-    cls = {"ConvRFM": ConvRFM, "DeepConvRFM": DeepConvRFM}.get(kind)
-    if cls is None:
-        raise SystemExit(f"error: {path} is not a saved ConvRFM or DeepConvRFM model")
-    return cls.load(path)
+def _numpy(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def _final(model):
+# ---------------------------------------------------------------------------- model files
+def load_model(path):
+    """Any model written by ``convrfm fit`` (read with ``weights_only=True``: nothing in the file runs)."""
+    from .estimator import load_model as load
+
+    return load(_existing_file(path, "--model"))
+
+
+def _final(model) -> ConvRFM:
+    """The ConvRFM that makes the predictions: the model itself or a deep model's final one."""
     return getattr(model, "final_", model)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedMetric:
+    """One ConvRFM inside a model: its metrics by iteration, history and patch geometry."""
+
+    name: str
+    metrics: dict  # iteration → M (a deep model's feature layers keep only the best one)
+    history: list
+    best: int
+    image_shape: tuple
+    patch_size: int
+    stride: int
+    padding: int
+
+    def iteration(self, requested: int | None) -> int:
+        """``requested`` (default: the kept iterate) if this ConvRFM has its M, else ValueError."""
+        if requested is None:
+            return self.best
+        if requested not in self.metrics:
+            its = sorted(self.metrics)
+            valid = f"{its[0]}..{its[-1]}" if len(its) > 1 else f"{its[0]} (only the kept M is stored)"
+            raise ValueError(f"--iteration {requested} is out of range: {self.name} has iteration {valid}")
+        return requested
+
+    def title(self, iteration: int) -> str:
+        from .viz import describe_iterate
+
+        return f"{self.name}: {describe_iterate(self.history, self.best, iteration)}"
+
+    def location_share(self, iteration: int):
+        """(per-location AGOP share, title): the AGOP that produced M of ``iteration`` (for the
+        fixed M of iteration 0, the AGOP of iteration 0's predictor)."""
+        source = max(iteration - 1, 0)
+        if "location_share" not in self.history[source]:
+            raise ValueError(f"--locations: {self.name} computed no AGOP (fitted with iterations=0)")
+        what = "fixed M's predictor" if iteration == 0 else f"iteration {source}, which gave M of iteration {iteration}"
+        return self.history[source]["location_share"], f"{self.name}: AGOP share per location ({what})"
+
+
+def learned_metric(model, layer: int | None) -> LearnedMetric:
+    """The ConvRFM of a model (``layer`` None) or of a deep model's layer (default: the final one)."""
+    if not hasattr(model, "final_"):
+        if layer is not None:
+            raise ValueError(f"--layer applies to deep models; this model is a {type(model).__name__}")
+        return LearnedMetric(type(model).__name__, dict(enumerate(model.metrics_)), model.history_,
+                             model.best_iteration_, tuple(model.image_shape_), model.patch_size, model.stride,
+                             model.padding)
+    last = len(model.metrics_)  # feature layers 0..last-1, the final ConvRFM is layer `last`
+    layer = last if layer is None else layer
+    if not 0 <= layer <= last:
+        raise ValueError(f"--layer {layer} is out of range: this {type(model).__name__} has layers 0..{last} "
+                         f"({last} = the final ConvRFM)")
+    if layer == last:
+        return dataclasses.replace(learned_metric(model.final_, None), name=f"layer {layer} (final ConvRFM)")
+    record, spec = model.history_[layer], model._specs()[layer]
+    best = record["best_iteration"]
+    return LearnedMetric(f"layer {layer} (feature map)", {best: model.metrics_[layer]}, record["convrfm_history"],
+                         best, tuple(record["input_shape"]), spec.patch_size, spec.stride, spec.padding)
+
+
+def _saved(fig) -> None:
+    """Release a figure that has been written to its file."""
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def draw_filters(metric: LearnedMetric, iteration: int | None, k: int, path) -> None:
+    from .viz import plot_filters
+
+    iteration = metric.iteration(iteration)
+    _saved(plot_filters(metric.metrics[iteration], metric.image_shape, metric.patch_size, k=k, path=path,
+                        title=metric.title(iteration)))
 
 
 # ---------------------------------------------------------------------------- commands
@@ -72,98 +356,176 @@ def cmd_info(args):
         print("CUDA: no device")
 
 
-def _build_model(args, config):
-    from .deep import DeepConvRFM, LayerSpec
-    from .rfm import ConvRFM
+def read_config(path) -> dict:
+    """The JSON object of estimator parameters in ``path``, or ValueError naming the file."""
+    path = _existing_file(path, "--config")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"--config {path}: not a JSON file ({_one_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of estimator parameters, "
+                         f"got a {type(config).__name__}")
+    return config
 
-    shared = dict(penalty=args.penalty, n_centres=args.centres, solver=args.solver, maxiter=args.maxiter,
-                  validation_fraction=args.val_fraction, preprocess=args.preprocess, dtype=args.dtype,
-                  device=args.device, random_state=args.seed,
+
+def _known(params: dict, cls, where: str) -> dict:
+    unknown = sorted(set(params) - set(inspect.signature(cls).parameters))
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} parameter(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(inspect.signature(cls).parameters)}")
+    return params
+
+
+def build_model(args, config: dict):
+    """The estimator the options and the --config parameters (which take precedence) describe."""
+    where = f"--config {args.config}"
+    shared = {name: getattr(args, name) for name in SHARED_PARAMS}
+    shared.update(preprocess=None if args.preprocess == "none" else args.preprocess,
                   max_memory=None if args.max_memory_gb is None else args.max_memory_gb * 2**30,
-                  checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
-    conv = dict(patch_size=args.patch_size, stride=args.stride, padding=args.padding, kernel=args.kernel,
-                sigma=args.sigma if args.sigma == "median" else float(args.sigma), iterations=args.iterations,
-                agop_samples=args.agop_samples, agop_power=args.agop_power, dc_weight=args.dc_weight)
+                  checkpoint_dir=str(checkpoint_dir(args)), progress=not args.quiet)
+    conv = {name: getattr(args, name) for name in CONV_PARAMS}
+    layer_options = args.depth != 1 or args.width != param_default(LayerSpec, "width")
     if args.model == "conv":
-        return ConvRFM(**{**shared, **conv, **config})
-    layers = [LayerSpec(**spec) for spec in config.pop("layers", [{"width": args.width}] * args.depth)]
-    return DeepConvRFM(layers=layers, final={**conv, **config.pop("final", {})}, **{**shared, **config})
+        if layer_options:
+            raise ValueError("--depth and --width describe the layers of --model deep")
+        return ConvRFM(**{**shared, **conv, **_known(config, ConvRFM, where)})
+    config = dict(_known(config, DeepConvRFM, where))
+    if "layers" in config and layer_options:
+        raise ValueError(f"--depth / --width and the 'layers' of {where} both describe the layers: use one")
+    layers = config.pop("layers", [{"width": args.width}] * args.depth)
+    if not isinstance(layers, list) or not all(isinstance(s, dict) for s in layers):
+        raise ValueError(f"{where}: 'layers' must be a list of objects of LayerSpec fields")
+    final = _known(config.pop("final", {}), ConvRFM, f"{where}, 'final'")
+    layers = [LayerSpec(**_known(spec, LayerSpec, f"{where}, 'layers'")) for spec in layers]
+    return DeepConvRFM(layers=layers, final={**conv, **final}, **{**shared, **config})
+
+
+def checkpoint_dir(args) -> Path:
+    return Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out_dir) / CHECKPOINT_SUBDIR
 
 
 def cmd_fit(args):
-    from .viz import plot_filters, plot_history
+    from .datasets import load_npz
+    from .viz import plot_history
 
-    config = {}
-    if args.config:
-        with open(args.config) as f:
-            config = json.load(f)
-    X, y = _subset(*load_data(args.dataset, args.data, "train"), args.n_train)
-    model = _build_model(args, config)
-    os.makedirs(args.out_dir, exist_ok=True)
-    tic = time.perf_counter()
-    model.fit(X, y)
-    seconds = time.perf_counter() - tic
-    model.save(os.path.join(args.out_dir, "model.pt"))
-    final = _final(model)
-    with open(os.path.join(args.out_dir, "history.json"), "w") as f:
-        json.dump({"params": {k: repr(v) for k, v in model.get_params().items()}, "seconds": seconds,
-                   "history": model.history_}, f, indent=1, default=float)
-    plot_history(final.history_, os.path.join(args.out_dir, "curves.png"))
-    plot_filters(final.metrics_[-1], final.image_shape_, final.patch_size, k=8,
-                 path=os.path.join(args.out_dir, "filters.png"))
-    best = final.history_[final.best_iteration_]
-    print(f"fitted in {seconds:.1f} s; best iteration {final.best_iteration_}: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("val_")))
-    print(f"wrote {args.out_dir}/model.pt, history.json, curves.png, filters.png")
+    model = build_model(args, read_config(args.config) if args.config else {})
+    out, checkpoints = check_output_dir(args.out_dir, "--out-dir"), checkpoint_dir(args)
+    check_output_dir(checkpoints, "--checkpoint-dir")
+    npz_layout = args.layout if args.dataset == "npz" else None
+    if args.layout is not None and npz_layout is None and args.val_data is None:
+        raise ValueError(f"--layout applies to npz files, not to --dataset {args.dataset}")
+    train, name = load_data(args.dataset, args.data, args.split, npz_layout, "train")
+    X, y = _first(train, args.n_train, "--n-train", name)
+    fit_args, val_name = (X, y), f"{args.validation_fraction:g} of the training images"
+    if args.val_data is not None:
+        if args.validation_fraction != conv_default("validation_fraction"):
+            raise ValueError("--val-fraction does not apply with --val-data (the file is the validation set)")
+        val = load_npz(_existing_file(args.val_data, "--val-data"), layout=args.layout or "auto")
+        fit_args, val_name = (X, y, val.images, val.labels), f"validation file {args.val_data}"
+
+    with _no_empty_folders_left(out, checkpoints):
+        tic = time.perf_counter()
+        model.fit(*fit_args)
+        seconds = time.perf_counter() - tic
+        out.mkdir(parents=True, exist_ok=True)
+        model.save(out / "model.pt")
+        with open(out / "history.json", "w") as f:
+            json.dump({"params": {k: repr(v) for k, v in model.get_params().items()}, "seconds": seconds,
+                       "data": name, "validation": val_name, "history": model.history_}, f, indent=1, default=float)
+        metric = learned_metric(model, None)
+        _saved(plot_history(metric.history, out / "curves.png", best_iteration=metric.best, title=metric.name))
+        draw_filters(metric, None, min(8, metric.metrics[metric.best].shape[0]), out / "filters.png")
+    if not args.checkpoint_dir:  # the default checkpoint has served its purpose: model.pt holds the result
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    best = metric.history[metric.best]
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("val_")) or "no validation data"
+    print(f"fitted on {len(y)} images of {name} in {seconds:.1f} s; validation: {val_name}; "
+          f"kept iteration {metric.best}: {scores}")
+    print(f"wrote {out}/model.pt, history.json, curves.png, filters.png")
+
+
+def save_predictions(pred: np.ndarray, path: Path) -> None:
+    """``.npy`` (numpy's format) or ``.csv`` (one row per image), written to exactly ``path``."""
+    if path.suffix.lower() == ".npy":
+        with open(path, "wb") as f:
+            np.save(f, pred, allow_pickle=False)
+    else:
+        np.savetxt(path, pred.reshape(len(pred), -1), fmt="%s", delimiter=",")
 
 
 def cmd_predict(args):
-    model = _load_model(args.model)
-    X, _ = _subset(*load_data(args.dataset, args.data, args.split), args.n)
-    pred = model.predict(X).cpu().numpy()
-    np.save(args.out, pred)
-    print(f"wrote {len(pred)} predictions to {args.out}")
+    out = check_output_file(args.out, "--out", PREDICTION_SUFFIXES)
+    model = load_model(args.model)
+    data, name = load_data(args.dataset, args.data, args.split, args.layout, "test")
+    X, _ = _first(data, args.n, "--n", name)
+    pred = _numpy(model.predict(X))
+    save_predictions(pred, out)
+    print(f"wrote {len(pred)} predictions for {name} to {out}")
 
 
 def confusion_matrix(y_true, y_pred, classes) -> np.ndarray:
-    """Counts C[i, j] of true class i predicted as class j."""
-    index = {int(c): i for i, c in enumerate(classes)}
+    """Counts C[i, j] of true class i predicted as class j; ValueError for labels not in ``classes``."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({t for t in y_true} - set(index), key=str)
+    if unknown:
+        raise ValueError(f"labels {unknown} of the data are not among the model's classes {list(classes)}")
     C = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    for t, p in zip(y_true.tolist(), y_pred.tolist()):
-        C[index[int(t)], index[int(p)]] += 1
+    for t, p in zip(y_true, y_pred):
+        C[index[t], index[p]] += 1
     return C
 
 
+def format_confusion(C: np.ndarray, classes, names=None) -> list:
+    """Lines of the confusion matrix (rows: true class, columns: predicted class), rows named
+    "label name" when ``names`` (indexed by integer label) are given."""
+    def name(c):
+        return f"{c} {names[c]}" if names and isinstance(c, int) and 0 <= c < len(names) else str(c)
+
+    rows = [name(c) for c in classes]
+    width, cell = max(len(r) for r in rows), max(5, *(len(str(c)) for c in classes))
+    lines = [" " * width + " " + " ".join(f"{str(c):>{cell}}" for c in classes)]
+    lines += [f"{r:<{width}} " + " ".join(f"{v:{cell}d}" for v in row) for r, row in zip(rows, C)]
+    return lines
+
+
 def cmd_evaluate(args):
-    model = _load_model(args.model)
-    X, y = _subset(*load_data(args.dataset, args.data, args.split), args.n)
-    pred = model.predict(X).cpu()
-    y = torch.as_tensor(y)
-    acc = (pred == y).double().mean().item()
-    classes = _final(model).classes_.tolist()
+    out = None if args.out is None else check_output_file(args.out, "--out", (".json",))
+    model = load_model(args.model)
+    final = _final(model)
+    if final.task_ != "classification":
+        raise ValueError(f"--model {args.model} is a regression model; evaluate reports classification accuracy")
+    data, name = load_data(args.dataset, args.data, args.split, args.layout, "test")
+    X, y = _first(data, args.n, "--n", name)
+    y, pred = _numpy(y).tolist(), _numpy(model.predict(X)).tolist()
+    classes = _numpy(final.classes_).tolist()
     C = confusion_matrix(y, pred, classes)
-    print(f"{args.dataset} {args.split}: {len(y)} images, accuracy {acc:.4f}")
-    print("confusion matrix (rows: true, columns: predicted)")
-    print("      " + " ".join(f"{c:>5}" for c in classes))
-    for c, row in zip(classes, C):
-        print(f"{c:>5} " + " ".join(f"{v:5d}" for v in row))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"accuracy": acc, "classes": classes, "confusion": C.tolist()}, f)
+    acc = float(np.mean([t == p for t, p in zip(y, pred)]))
+    print(f"{name}: {len(y)} images, accuracy {acc:.4f}")
+    print("confusion matrix (rows: true class, columns: predicted class)")
+    print("\n".join(format_confusion(C, classes, data.classes)))
+    if out is not None:
+        with open(out, "w") as f:
+            json.dump({"data": name, "accuracy": acc, "classes": classes, "class_names": data.classes,
+                       "confusion": C.tolist()}, f)
+        print(f"wrote {out}")
 
 
 def cmd_filters(args):
-    from .viz import plot_filters, plot_location_map
+    from .viz import plot_location_map
 
-    final = _final(_load_model(args.model))
-    M = final.metrics_[-1] if args.iteration is None else final.metrics_[args.iteration]
-    plot_filters(M, final.image_shape_, final.patch_size, k=args.k, path=args.out)
-    print(f"wrote {args.out}")
-    shares = [h["location_share"] for h in final.history_ if "location_share" in h]
-    if args.locations and shares:
-        plot_location_map(shares[-1], final.image_shape_, final.patch_size, final.stride, final.padding,
-                          path=args.locations)
-        print(f"wrote {args.locations}")
+    out = check_output_file(args.out, "--out", FIGURE_SUFFIXES)
+    locations = None if args.locations is None else check_output_file(args.locations, "--locations", FIGURE_SUFFIXES)
+    metric = learned_metric(load_model(args.model), args.layer)
+    iteration = metric.iteration(args.iteration)
+    share, share_title = metric.location_share(iteration) if locations else (None, None)
+    draw_filters(metric, iteration, args.k, out)
+    print(f"wrote {out}: {metric.title(iteration)}")
+    if locations:
+        _saved(plot_location_map(share, metric.image_shape, metric.patch_size, metric.stride, metric.padding,
+                                 path=locations, title=share_title))
+        print(f"wrote {locations}")
 
 
 def cmd_plan(args):
@@ -176,92 +538,167 @@ def cmd_plan(args):
 
 
 # ---------------------------------------------------------------------------- parser
-def _add_data(p, split_default="train"):
-    p.add_argument("--dataset", choices=DATASETS, default="digits")
-    p.add_argument("--data", help="dataset path (folder, .mat, .npz); not needed for digits / local-signal")
-    p.add_argument("--split", default=split_default, help="train or test (default %(default)s)")
+def _add_data(p):
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="which data")
+    p.add_argument("--data", help="dataset root (cifar10/100, svhn, mnist, fashion-mnist) or the split's file "
+                   "(npz) / folder (folder) (default: none; digits and local-signal are built in)")
+    p.add_argument("--split", choices=("train", "test"),
+                   help="split of a named dataset (default: train for fit, test for predict and evaluate; "
+                   "not used by npz / folder, whose --data is the split)")
+    p.add_argument("--layout", choices=("auto", "chw", "hwc"),
+                   help="channel axis of npz images: (N, C, H, W) or (N, H, W, C) (default: auto, detected)")
+
+
+def _add_debug(p, default):
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the Python traceback of an error (default: one line)")
+
+
+def _add_estimator_options(p):
+    c = {name: conv_default(name) for name in (*SHARED_PARAMS, *CONV_PARAMS)}
+    p.add_argument("--model", choices=["conv", "deep"], default="conv", help="ConvRFM or Deep ConvRFM")
+    p.add_argument("--config", help="JSON object of extra estimator parameters, taking precedence over the "
+                   "options (deep: 'layers', a list of LayerSpec fields, and 'final') (default: none)")
+    p.add_argument("--val-fraction", dest="validation_fraction", type=REAL, default=c["validation_fraction"],
+                   metavar="F",
+                   help="share of the training images held out to pick the best iterate (not used with --val-data)")
+    p.add_argument("--preprocess", choices=PREPROCESS_NAMES, default=c["preprocess"] or "none",
+                   help="pixel preprocessing fitted on the training split")
+    p.add_argument("--patch-size", dest="patch_size", type=_integer(1), default=c["patch_size"], metavar="Q",
+                   help="patch side q")
+    p.add_argument("--stride", type=_integer(1), default=c["stride"], help="patch stride")
+    p.add_argument("--padding", type=_integer(0), default=c["padding"], help="zero padding")
+    p.add_argument("--pool-window", dest="pool_window", type=_integer(1), default=c["pool_window"], metavar="W",
+                   help="local pooling: compare each patch with the w×w neighbouring patches of the other image")
+    p.add_argument("--kernel", choices=tuple(BASE_KERNELS), default=c["kernel"], help="base patch kernel")
+    p.add_argument("--sigma", type=SIGMA, default=c["sigma"], help="bandwidth, or 'median'")
+    p.add_argument("--penalty", type=POSITIVE, default=c["penalty"], help="ridge penalty λ")
+    p.add_argument("--centres", dest="n_centres", type=_integer(1), default=c["n_centres"], metavar="M",
+                   help="Nyström centres")
+    p.add_argument("--iterations", type=_integer(0), default=c["iterations"], help="metric updates")
+    p.add_argument("--agop-samples", dest="agop_samples", type=_integer(1), default=c["agop_samples"], metavar="N",
+                   help="training images the AGOP is estimated on")
+    p.add_argument("--agop-power", dest="agop_power", type=POSITIVE, default=c["agop_power"], metavar="P",
+                   help="M = normalise(AGOP^P)")
+    p.add_argument("--dc-weight", dest="dc_weight", type=DC_WEIGHT, default=c["dc_weight"], metavar="W",
+                   help="weight w >= 0 of the patch-brightness (DC) direction in M, 'auto' (decided from the "
+                   "data) or 'none' (DC stays in the AGOP)")
+    p.add_argument("--depth", type=_integer(1), default=1, help="deep: number of feature-map layers")
+    p.add_argument("--width", type=_integer(1), default=param_default(LayerSpec, "width"),
+                   help="deep: filters per layer")
+    p.add_argument("--solver", choices=SOLVERS, default=c["solver"],
+                   help="kernel ridge solver (auto: Falkon when installed)")
+    p.add_argument("--maxiter", type=_integer(1), default=c["maxiter"], help="Falkon CG iterations")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=c["dtype"], help="floating-point precision")
+    p.add_argument("--device", type=DEVICE, default=c["device"], help="cpu or cuda")
+    p.add_argument("--max-memory-gb", type=POSITIVE, metavar="GB",
+                   help="memory budget for kernel blocks and AGOP chunks (default: none, the solver's own)")
+    p.add_argument("--seed", dest="random_state", type=_integer(0), default=c["random_state"], metavar="N",
+                   help="random seed of the split, centres and AGOP rows (default: none, a fresh seed; "
+                   "a fit resumed from its checkpoint reuses the checkpoint's seed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convrfm", description="Deep ConvRFM with Falkon: learned-metric "
-                                     "convolutional kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    kw = dict(formatter_class=_HelpFormatter)
+    parser = _Parser(prog=PROG, description="Deep ConvRFM with Falkon: learned-metric convolutional kernels.", **kw)
+    _add_debug(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("fit", help="train a model and write model.pt, history.json, curves.png, filters.png")
+    p = sub.add_parser("fit", help="train a model and write model.pt, history.json, curves.png, filters.png", **kw)
     _add_data(p)
-    p.add_argument("--model", choices=["conv", "deep"], default="conv")
-    p.add_argument("--config", help="JSON file of extra estimator parameters (deep: 'layers', 'final')")
-    p.add_argument("--n-train", type=int, help="use only the first N training images")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--preprocess", choices=["standardize", "zca"], default=None)
-    p.add_argument("--patch-size", type=int, default=3)
-    p.add_argument("--stride", type=int, default=1)
-    p.add_argument("--padding", type=int, default=0)
-    p.add_argument("--kernel", choices=["laplace", "gaussian", "ntk"], default="laplace")
-    p.add_argument("--sigma", default="median", help="bandwidth or 'median' (default)")
-    p.add_argument("--penalty", type=float, default=1e-6)
-    p.add_argument("--centres", type=int, default=2000)
-    p.add_argument("--iterations", type=int, default=2)
-    p.add_argument("--agop-samples", type=int, default=10_000)
-    p.add_argument("--agop-power", type=float, default=1.0)
-    p.add_argument("--dc-weight", type=float, default=None)
-    p.add_argument("--depth", type=int, default=1, help="deep: number of feature-map layers")
-    p.add_argument("--width", type=int, default=64, help="deep: filters per layer")
-    p.add_argument("--solver", choices=["auto", "falkon", "exact"], default="auto")
-    p.add_argument("--maxiter", type=int, default=20)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-memory-gb", type=float, help="memory budget for kernel blocks and AGOP chunks")
-    p.add_argument("--checkpoint-dir", help="save after every iteration; rerun to resume")
-    p.add_argument("--out-dir", default="convrfm_out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_estimator_options(p)
+    p.add_argument("--val-data", dest="val_data", metavar="NPZ",
+                   help="npz file of validation images and labels (default: none, a --val-fraction split)")
+    p.add_argument("--n-train", dest="n_train", type=_integer(1), metavar="N",
+                   help="use only the first N training images (default: all)")
+    p.add_argument("--out-dir", dest="out_dir", default="convrfm_out", metavar="DIR",
+                   help="folder for model.pt, history.json, curves.png, filters.png")
+    p.add_argument("--checkpoint-dir", dest="checkpoint_dir", metavar="DIR",
+                   help="checkpoint after every iteration; a rerun of the same command resumes from it "
+                   f"(default: OUT_DIR/{CHECKPOINT_SUBDIR}, removed after a successful fit)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the result is still printed)")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("predict", help="predict labels with a saved model")
+    p = sub.add_parser("predict", help="predict labels with a saved model", **kw)
     p.add_argument("--model", required=True, help="model.pt written by fit")
-    _add_data(p, "test")
-    p.add_argument("--n", type=int, help="first N images only")
-    p.add_argument("--out", default="predictions.npy")
+    _add_data(p)
+    p.add_argument("--n", type=_integer(1), help="first N images only (default: all)")
+    p.add_argument("--out", default="predictions.npy", help="predictions file, .npy or .csv")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="accuracy and confusion matrix of a saved model")
-    p.add_argument("--model", required=True)
-    _add_data(p, "test")
-    p.add_argument("--n", type=int, help="first N images only")
-    p.add_argument("--out", help="write the figures as JSON")
+    p = sub.add_parser("evaluate", help="accuracy and confusion matrix of a saved model", **kw)
+    p.add_argument("--model", required=True, help="model.pt written by fit")
+    _add_data(p)
+    p.add_argument("--n", type=_integer(1), help="first N images only (default: all)")
+    p.add_argument("--out", help="also write the figures to this .json file (default: none)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("filters", help="draw the top eigenvectors of M (and the location map)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--iteration", type=int, help="which iteration's M (default: the last)")
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--out", default="filters.png")
-    p.add_argument("--locations", help="also write the per-location AGOP share map here")
+    p = sub.add_parser("filters", help="draw the top eigenvectors of M (and the location map)", **kw)
+    p.add_argument("--model", required=True, help="model.pt written by fit")
+    p.add_argument("--layer", type=_integer(0),
+                   help="deep models: which layer's M (default: the last, the final ConvRFM)")
+    p.add_argument("--iteration", type=_integer(0), help="which iteration's M (default: the kept, best one)")
+    p.add_argument("--k", type=_integer(1), default=8, help="number of eigenvectors")
+    p.add_argument("--out", default="filters.png", help=f"figure file ({', '.join(FIGURE_SUFFIXES)})")
+    p.add_argument("--locations", help="also draw the per-location AGOP share map to this file (default: none)")
     p.set_defaults(func=cmd_filters)
 
-    p = sub.add_parser("plan", help="memory of each phase and the largest centre count that fits")
-    p.add_argument("--n", type=int, required=True, help="training images")
-    p.add_argument("--n-val", type=int, default=0)
-    p.add_argument("--image-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"))
-    p.add_argument("--patch-size", type=int, default=3)
-    p.add_argument("--stride", type=int, default=1)
-    p.add_argument("--padding", type=int, default=0)
-    p.add_argument("--centres", type=int, default=10_000)
-    p.add_argument("--outputs", type=int, default=10)
-    p.add_argument("--agop-samples", type=int, default=10_000)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--device-memory-gb", type=float, default=80.0)
+    p = sub.add_parser("plan", help="memory of each phase and the largest centre count that fits", **kw)
+    p.add_argument("--n", type=_integer(1), required=True, help="training images")
+    p.add_argument("--n-val", dest="n_val", type=_integer(0), default=0, metavar="N", help="validation images")
+    p.add_argument("--image-shape", dest="image_shape", type=_integer(1), nargs=3, default=[3, 32, 32],
+                   metavar=("C", "H", "W"), help="image shape")
+    p.add_argument("--patch-size", dest="patch_size", type=_integer(1), default=conv_default("patch_size"),
+                   metavar="Q", help="patch side q")
+    p.add_argument("--stride", type=_integer(1), default=conv_default("stride"), help="patch stride")
+    p.add_argument("--padding", type=_integer(0), default=conv_default("padding"), help="zero padding")
+    p.add_argument("--centres", type=_integer(1), default=conv_default("n_centres"), metavar="M",
+                   help="Nyström centres")
+    p.add_argument("--outputs", type=_integer(1), default=10, help="classes (outputs of the predictor)")
+    p.add_argument("--agop-samples", dest="agop_samples", type=_integer(1), default=conv_default("agop_samples"),
+                   metavar="N", help="training images the AGOP is estimated on")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=conv_default("dtype"),
+                   help="floating-point precision")
+    p.add_argument("--device-memory-gb", dest="device_memory_gb", type=POSITIVE, default=80.0, metavar="GB",
+                   help="memory of the device")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("info", help="available backends: Falkon, KeOps, CUDA devices")
+    p = sub.add_parser("info", help="available backends: Falkon, KeOps, CUDA devices", **kw)
     p.set_defaults(func=cmd_info)
+    for p in sub.choices.values():
+        _add_debug(p, argparse.SUPPRESS)  # `convrfm fit ... --debug` as well as `convrfm --debug fit ...`
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _interrupted(args) -> str:
+    if args.command != "fit":
+        return f"{PROG}: interrupted"
+    return (f"{PROG}: interrupted; rerun the same command (same --out-dir {args.out_dir}) to resume from the last "
+            f"finished iteration, checkpointed in {checkpoint_dir(args)}")
+
+
 def main(argv=None):
+    """Run ``convrfm`` with ``argv`` (default: the command line). User errors exit with status 2
+    after one line on stderr, Ctrl-C with status 130."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(_interrupted(args), file=sys.stderr)
+        raise SystemExit(130) from None
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

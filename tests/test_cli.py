@@ -1,12 +1,23 @@
-"""The ``convrfm`` command line end to end on digits, in a temporary directory."""
+"""The ``convrfm`` command line: end to end on digits, and every user error as one line on stderr
+with exit status 2 (no traceback)."""
+import argparse
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
+import falkon_convrfm.cli as cli
+from falkon_convrfm import HAS_FALKON
 from falkon_convrfm.cli import build_parser, confusion_matrix, main
+
+FIT = ["fit", "--dataset", "digits", "--n-train", "400", "--iterations", "1", "--centres", "300",
+       "--agop-samples", "300", "--penalty", "1e-5", "--solver", "exact", "--quiet"]
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def run(*args):
@@ -14,49 +25,300 @@ def run(*args):
                           check=True).stdout
 
 
-def test_fit_predict_evaluate_filters(tmp_path):
-    out = tmp_path / "run"
-    main(["fit", "--dataset", "digits", "--n-train", "400", "--iterations", "1", "--centres", "300",
-          "--agop-samples", "300", "--penalty", "1e-5", "--solver", "exact", "--quiet", "--out-dir", str(out)])
+def call(argv, capsys):
+    """(exit status, stdout, stderr) of ``convrfm argv`` run in this process."""
+    try:
+        code = main([str(a) for a in argv]) or 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny data files, a fitted ConvRFM (on digits) and a fitted one-layer DeepConvRFM (whose
+    final ConvRFM has no metric update, on an npz training file with an npz validation file)."""
+    d = tmp_path_factory.mktemp("cli")
+    digits = load_digits()
+    X = (digits.images * 16).astype(np.uint8)  # (n, 8, 8) grey, uint8 in [0, 255]
+    Xtr, Xte, ytr, yte = train_test_split(X, digits.target, test_size=0.3, stratify=digits.target, random_state=0)
+    np.savez(d / "train.npz", images=Xtr[:300], labels=ytr[:300])
+    np.savez(d / "val.npz", images=Xte[:150, :, :, None], labels=yte[:150], classes=np.array(DIGIT_NAMES))
+    np.savez(d / "val16.npz", images=np.zeros((20, 16, 16), np.uint8), labels=np.arange(20) % 10)
+    np.savez(d / "ambiguous.npz", images=np.zeros((4, 5, 6, 7), np.uint8), labels=np.arange(4))
+    np.savez(d / "unknown_labels.npz", images=Xte[:20], labels=np.full(20, 12))
+    (d / "not.npz").write_text("not an npz file")
+    (d / "config.json").write_text(json.dumps({"iterations": 1}))
+    (d / "list.json").write_text("[1, 2]")
+    (d / "unknown.json").write_text(json.dumps({"no_such_parameter": 1}))
+    (d / "bad_value.json").write_text(json.dumps({"iterations": "many"}))
+    (d / "layers_text.json").write_text(json.dumps({"layers": "three"}))
+    (d / "bad_layers.json").write_text(json.dumps({"layers": [{"widht": 4}]}))
+    (d / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (d / "a_file").write_text("")
+    conv, deep = d / "conv", d / "deep"
+    for argv in (FIT + ["--out-dir", conv],
+                 ["fit", "--model", "deep", "--dataset", "npz", "--data", d / "train.npz", "--val-data", d / "val.npz",
+          "--depth", "1", "--width", "4", "--iterations", "0", "--centres", "100", "--agop-samples", "100",
+                  "--solver", "exact", "--quiet", "--out-dir", deep]):
+        main([str(a) for a in argv])
+    return {"dir": d, "conv": conv / "model.pt", "deep": deep / "model.pt"}
+
+
+# ---------------------------------------------------------------------------- user errors
+# (argv with {dir}, {conv}, {deep} placeholders, a phrase the one-line message must contain)
+USER_ERRORS = [
+    # option values, rejected by the parser before any work
+    (["fit", "--sigma", "abc"], "sigma must be a positive finite number or 'median', got 'abc'"),
+    (["fit", "--sigma", "-1"], "sigma must be a positive"),
+    (["fit", "--centres", "0"], "argument --centres"),
+    (["fit", "--centres", "many"], "argument --centres: value must be an integer >= 1, got 'many'"),
+    (["fit", "--iterations", "-1"], "integer >= 0"),
+    (["fit", "--penalty", "-1"], "argument --penalty"),
+    (["fit", "--penalty", "nan"], "positive finite number"),
+    (["fit", "--patch-size", "x"], "argument --patch-size"),
+    (["fit", "--depth", "0"], "argument --depth"),
+    (["fit", "--max-memory-gb", "0"], "argument --max-memory-gb"),
+    (["fit", "--dc-weight", "heavy"], "argument --dc-weight: expected a number >= 0, 'auto' or 'none', got 'heavy'"),
+    (["fit", "--pool-window", "0"], "argument --pool-window"),
+    (["fit", "--pool-window", "2"], "pool_window"),
+    (["fit", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["fit", "--kernel", "cosine"], "argument --kernel"),
+    (["fit", "--layout", "nhwc"], "argument --layout"),
+    (["fit", "--preprocess", "whiten"], "argument --preprocess"),
+    (["fit", "--seed", "-3"], "argument --seed"),
+    (["fit", "--device", "tpu"], "argument --device"),
+    (["info", "--verbose"], "unrecognized arguments: --verbose"),
+    (["fit", "--no-such-option"], "unrecognized arguments"),
+    ([], "required: COMMAND"),
+    (["predict", "--model", "{conv}", "--n", "-5"], "argument --n: value must be an integer >= 1, got -5"),
+    (["predict", "--n", "5"], "required: --model"),
+    (["evaluate", "--model", "{conv}", "--split", "validation"], "argument --split"),
+    (["plan", "--n", "0"], "argument --n: value must be an integer >= 1, got 0"),
+    (["plan", "--n", "100", "--centres", "-1"], "argument --centres"),
+    (["plan", "--n", "100", "--image-shape", "3", "32"], "expected 3 arguments"),
+    (["plan"], "required: --n"),
+    (["plan", "--n", "100", "--patch-size", "40"], "patch_size=40 is larger than the padded image"),
+    (["filters", "--model", "{conv}", "--k", "0"], "argument --k"),
+    (["filters", "--model", "{conv}", "--iteration", "-1"], "argument --iteration: value must be an integer >= 0"),
+    # files and folders, checked before any work
+    (["fit", "--out-dir", "{dir}/a_file"], "is a file, not a folder"),
+    (["fit", "--out-dir", "{dir}/a_file/run"], "is a file, not a folder"),
+    (["fit", "--checkpoint-dir", "{dir}/a_file/ckpt", "--out-dir", "{dir}/never"], "--checkpoint-dir"),
+    (["fit", "--config", "{dir}/missing.json"], "--config {dir}/missing.json: no such file"),
+    (["fit", "--config", "{conv}"], "--config {conv}: not a JSON file"),
+    (["fit", "--config", "{dir}/binary.bin"], "--config {dir}/binary.bin: not a JSON file"),
+    (["fit", "--config", "{dir}/list.json"], "expected a JSON object"),
+    (["fit", "--config", "{dir}/unknown.json"], "unknown ConvRFM parameter(s) no_such_parameter"),
+    (["fit", "--config", "{dir}/bad_value.json"], "iterations must be an integer >= 0, got 'many'"),
+    (["fit", "--model", "deep", "--config", "{dir}/layers_text.json"], "'layers' must be a list"),
+    (["fit", "--model", "deep", "--config", "{dir}/bad_layers.json"], "unknown LayerSpec parameter(s) widht"),
+    (["predict", "--model", "{dir}/missing.pt"], "--model {dir}/missing.pt: no such file"),
+    (["predict", "--model", "{dir}"], "is a folder, not a file"),
+    (["predict", "--model", "{dir}/config.json"], "{dir}/config.json is not a falkon_convrfm model file"),
+    (["predict", "--model", "{dir}/binary.bin"], "{dir}/binary.bin is not a falkon_convrfm model file"),
+    (["predict", "--model", "{conv}", "--out", "{dir}/pred.txt"], "unsupported file type '.txt'; use .npy or .csv"),
+    (["predict", "--model", "{conv}", "--out", "{dir}/pred"], "unsupported file type '(no suffix)'"),
+    (["predict", "--model", "{conv}", "--out", "{dir}/no_folder/pred.npy"], "folder {dir}/no_folder does not exist"),
+    (["predict", "--model", "{conv}", "--out", "{dir}/a_file/pred.npy"], "{dir}/a_file is a file, not a folder"),
+    (["evaluate", "--model", "{conv}", "--out", "{dir}/eval.csv"], "use .json"),
+    (["filters", "--model", "{conv}", "--out", "{dir}/filters.txt"], "use .png or .pdf or .svg"),
+    (["filters", "--model", "{conv}", "--locations", "{dir}/no_folder/l.png"], "does not exist"),
+    # data
+    (["fit", "--dataset", "cifar10"], "--data PATH is required for --dataset cifar10"),
+    (["fit", "--dataset", "cifar10", "--data", "{dir}/no_cifar"], "not found"),
+    (["fit", "--dataset", "digits", "--data", "{dir}/train.npz"], "--data is not used with --dataset digits"),
+    (["fit", "--dataset", "npz", "--data", "{dir}/train.npz", "--split", "test"], "--split does not apply"),
+    (["fit", "--layout", "hwc"], "--layout applies to npz files, not to --dataset digits"),
+    (["fit", "--dataset", "npz", "--data", "{dir}/ambiguous.npz"], "cannot tell the channel axis"),
+    (["fit", "--dataset", "npz", "--data", "{dir}/not.npz"], "{dir}/not.npz"),
+    (["fit", "--dataset", "npz", "--data", "{dir}/missing.npz"], "{dir}/missing.npz"),
+    (["fit", "--val-data", "{dir}/missing.npz"], "--val-data {dir}/missing.npz: no such file"),
+    (["fit", "--val-data", "{dir}/val.npz", "--val-fraction", "0.3"], "--val-fraction does not apply with --val-data"),
+    (["fit", "--width", "8"], "--depth and --width describe the layers of --model deep"),
+    (["fit", "--model", "deep", "--depth", "2", "--config", "{dir}/bad_layers.json"], "both describe the layers"),
+    (["fit", "--n-train", "5000"], "--n-train 5000: digits train split has only 1257 images"),
+    (["predict", "--model", "{conv}", "--n", "5000", "--out", "{dir}/p.npy"], "digits test split has only 540 images"),
+    (["evaluate", "--model", "{conv}", "--dataset", "npz", "--data", "{dir}/unknown_labels.npz"],
+     "labels [12] of the data are not among the model's classes"),
+    # estimator parameters and data the estimator refuses before it computes
+    (["fit", "--dc-weight", "-1"], "dc_weight"),
+    (["fit", "--val-fraction", "1.5"], "validation_fraction"),
+    (["fit", "--patch-size", "20"], "patch"),
+    (["fit", "--val-data", "{dir}/val16.npz"], "X_val has images of shape (1, 16, 16)"),
+    (["evaluate", "--model", "{conv}", "--dataset", "npz", "--data", "{dir}/val16.npz"], "(1, 16, 16)"),
+    # what a fitted model does not have
+    (["filters", "--model", "{conv}", "--iteration", "7"], "--iteration 7 is out of range: ConvRFM has iteration 0..1"),
+    (["filters", "--model", "{conv}", "--k", "10"], "k must be in 1..9"),
+    (["filters", "--model", "{conv}", "--layer", "0"], "--layer applies to deep models"),
+    (["filters", "--model", "{deep}", "--layer", "2"], "--layer 2 is out of range: this DeepConvRFM has layers 0..1"),
+    (["filters", "--model", "{deep}", "--layer", "0", "--iteration", "5"], "only the kept M is stored"),
+    (["filters", "--model", "{deep}", "--locations", "{dir}/l.png"], "computed no AGOP"),
+]
+if not HAS_FALKON:
+    USER_ERRORS.append((["fit", "--solver", "falkon"], "falkon"))
+if not torch.cuda.is_available():
+    USER_ERRORS.append((["fit", "--device", "cuda"], "CUDA is not available"))
+
+
+@pytest.mark.parametrize("argv, phrase", USER_ERRORS, ids=[" ".join(a)[:60] for a, _ in USER_ERRORS])
+def test_user_error_is_one_line_with_exit_status_2(files, capsys, argv, phrase):
+    fill = {"dir": files["dir"], "conv": files["conv"], "deep": files["deep"]}
+    argv = [a.format(**fill) for a in argv]
+    if argv and argv[0] == "fit" and "--out-dir" not in argv:
+        argv += ["--out-dir", f"{files['dir']}/never/run", "--quiet", "--solver", "exact"]
+    code, out, err = call(argv, capsys)
+    assert code == 2, (argv, out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("convrfm"), err
+    assert phrase.format(**fill) in err, err
+    assert not (files["dir"] / "never").exists()  # a failed fit leaves no folder behind
+
+
+def test_debug_shows_the_traceback(files):
+    with pytest.raises(ValueError, match="--layer applies to deep models"):
+        main(["filters", "--model", str(files["conv"]), "--layer", "0", "--out", str(files["dir"] / "f.png"),
+              "--debug"])
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "predict", "--model", str(files["dir"] / "missing.pt")])
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ConvRFM, "fit", interrupted)
+    code, _, err = call(FIT + ["--out-dir", tmp_path / "run"], capsys)
+    assert code == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "rerun the same command" in err and "resume" in err and str(tmp_path / "run" / "checkpoint") in err
+    assert not (tmp_path / "run").exists()  # nothing was checkpointed: no empty folder stays
+
+
+def test_failed_fit_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+    def failing(self, *args, **kwargs):
+        raise ValueError("the solver failed")
+
+    monkeypatch.setattr(cli.ConvRFM, "fit", failing)
+    code, _, err = call(FIT + ["--out-dir", tmp_path / "a" / "b"], capsys)
+    assert code == 2 and err.strip() == "convrfm: error: the solver failed"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- what works
+def test_fit_predict_evaluate_filters(files, tmp_path, capsys):
+    out = files["conv"].parent
     for name in ("model.pt", "history.json", "curves.png", "filters.png"):
         assert (out / name).stat().st_size > 0
+    assert not (out / "checkpoint").exists()  # the default checkpoint is removed after a successful fit
     history = json.loads((out / "history.json").read_text())["history"]
     assert len(history) == 2 and "val_accuracy" in history[0]
 
     preds = tmp_path / "preds.npy"
-    main(["predict", "--model", str(out / "model.pt"), "--dataset", "digits", "--n", "100", "--out", str(preds)])
+    main(["predict", "--model", str(files["conv"]), "--dataset", "digits", "--n", "100", "--out", str(preds)])
     assert np.load(preds).shape == (100,)
 
     report = tmp_path / "eval.json"
-    main(["evaluate", "--model", str(out / "model.pt"), "--dataset", "digits", "--out", str(report)])
+    main(["evaluate", "--model", str(files["conv"]), "--dataset", "digits", "--out", str(report)])
     figures = json.loads(report.read_text())
     assert figures["accuracy"] > 0.9
     assert np.asarray(figures["confusion"]).sum() == 540
 
-    main(["filters", "--model", str(out / "model.pt"), "--out", str(tmp_path / "f.png"),
+    capsys.readouterr()
+    main(["filters", "--model", str(files["conv"]), "--out", str(tmp_path / "f.png"),
           "--locations", str(tmp_path / "loc.png")])
     assert (tmp_path / "f.png").stat().st_size > 0 and (tmp_path / "loc.png").stat().st_size > 0
+    assert "M of iteration" in capsys.readouterr().out
 
 
-def test_help_for_every_command():
+def test_predictions_go_to_exactly_the_named_file(files, tmp_path, capsys):
+    for name in ("pred.csv", "pred.npy", "PRED.NPY"):
+        code, out, _ = call(["predict", "--model", files["conv"], "--n", "7", "--out", tmp_path / name], capsys)
+        assert code == 0 and f"wrote 7 predictions for digits test split to {tmp_path / name}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PRED.NPY", "pred.csv", "pred.npy"]
+    csv = np.loadtxt(tmp_path / "pred.csv", dtype=np.int64)
+    assert np.array_equal(csv, np.load(tmp_path / "pred.npy")) and csv.shape == (7,)
+
+
+def test_evaluate_names_its_data_and_the_class_names(files, capsys):
+    code, out, _ = call(["evaluate", "--model", files["deep"], "--dataset", "npz", "--data", files["dir"] / "val.npz"],
+                        capsys)
+    assert code == 0
+    assert out.startswith(f"{files['dir'] / 'val.npz'}: 150 images, accuracy") and "npz test" not in out
+    assert "3 three" in out and "9 nine" in out
+
+
+def test_val_data_and_deep_model_pictures(files, capsys):
+    out = files["deep"].parent
+    saved = json.loads((out / "history.json").read_text())
+    assert saved["validation"] == f"validation file {files['dir'] / 'val.npz'}"
+    assert saved["data"] == str(files["dir"] / "train.npz")
+    for layer, name in (("0", "layer 0 (feature map)"), ("1", "layer 1 (final ConvRFM)")):
+        code, text, _ = call(["filters", "--model", files["deep"], "--layer", layer, "--k", "4",
+                              "--out", out / f"layer{layer}.png"], capsys)
+        assert code == 0 and f"{name}: M of iteration" in text
+
+
+def test_quiet_keeps_the_result_line(files, tmp_path, capsys):
+    code, out, err = call(FIT + ["--iterations", "0", "--out-dir", tmp_path / "q"], capsys)
+    assert code == 0 and "fitted on 400 images of digits train split" in out and "kept iteration 0" in out
+    assert "ConvRFM" not in err  # no progress bar
+
+
+def test_pictures_say_which_iterate_they_show():
+    from falkon_convrfm.viz import describe_iterate, filter_image, plot_history
+
+    validated = [{"iteration": t, "train_accuracy": 0.9, "val_accuracy": v} for t, v in enumerate([0.5, 0.7, 0.6])]
+    assert describe_iterate(validated, 1) == "M of iteration 1 (best on validation)"
+    assert describe_iterate(validated, 1, 0) == "M of iteration 0 (fixed; not the kept iterate 1)"
+    unvalidated = [{"iteration": 0}, {"iteration": 1}]
+    assert describe_iterate(unvalidated, 1) == "M of iteration 1 (the last, no validation data)"
+    fig = plot_history(validated, best_iteration=1)
+    assert "kept: iteration 1" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    grid, options = filter_image(torch.randn(16, 3, 3))  # 16 channels: 4 × 4 tiles of 3 × 3, 1-pixel gaps
+    assert grid.shape == (15, 15) and np.isfinite(grid).sum() == 16 * 9 and options["vmin"] == -options["vmax"]
+
+
+def test_every_option_shows_its_default():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in {"": parser, **subparsers}.items():
+        for action in sub._actions:
+            if action.option_strings and action.help != argparse.SUPPRESS and action.dest != "help":
+                text = sub.formatter_class(sub.prog)._get_help_string(action) or ""
+                assert "default" in text or action.required, (name, action.option_strings)
+
+
+def test_defaults_are_the_estimators():
+    args = build_parser().parse_args(["fit"])
+    for param in cli.SHARED_PARAMS + cli.CONV_PARAMS:
+        default = cli.conv_default(param)
+        assert getattr(args, param) == (default or "none" if param == "preprocess" else default), param
+    assert args.width == cli.param_default(cli.LayerSpec, "width")
+    for param in cli.SHARED_PARAMS:  # the deep model gets the same shared options
+        assert cli.param_default(cli.DeepConvRFM, param) == cli.conv_default(param), param
+
+
+def test_help_for_every_command(capsys):
     for command in ("fit", "predict", "evaluate", "filters", "plan", "info"):
-        assert "usage" in run(command, "--help")
+        code, out, _ = call([command, "--help"], capsys)
+        assert code == 0 and "usage" in out
 
 
-def test_info_and_plan():
-    assert "Falkon" in run("info")
-    text = run("plan", "--n", "50000", "--centres", "10000", "--device-memory-gb", "80")
-    assert "largest centre count" in text and "K_nm" in text
+def test_info_and_plan(capsys):
+    assert "Falkon" in run("info")  # `python -m falkon_convrfm.cli` as a program
+    code, text, _ = call(["plan", "--n", "50000", "--centres", "10000", "--device-memory-gb", "80"], capsys)
+    assert code == 0 and "largest centre count" in text and "K_nm" in text
 
 
 def test_confusion_matrix():
-    C = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), [0, 1, 2])
+    C = confusion_matrix(np.array([0, 0, 1, 2]).tolist(), np.array([0, 1, 1, 2]).tolist(), [0, 1, 2])
     assert C.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
 
 
-def test_missing_data_path_is_a_clear_error():
-    with pytest.raises(SystemExit, match="--data PATH is required"):
-        main(["fit", "--dataset", "cifar10", "--out-dir", "/tmp/never"])
+def test_missing_data_path_is_a_clear_error(capsys):
+    code, _, err = call(["fit", "--dataset", "cifar10", "--out-dir", "/tmp/never"], capsys)
+    assert code == 2 and "--data PATH is required" in err
 
 
 def test_parser_rejects_unknown_dataset():
