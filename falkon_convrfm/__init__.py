@@ -3,7 +3,8 @@
 Every public name is importable from here; Falkon is optional (``HAS_FALKON`` says whether it
 imported), so importing the package never fails for lack of it.
 """
-from ._compat import HAS_FALKON, KernelOptions, keops_available
+from ._compat import HAS_FALKON, KernelOptions
+from .ops import keops_importable as keops_available
 from .agop import patch_agop, patch_gradients
 from .cnfa import cnfa_correlation, conv_patch_agop
 from .collapse import nc1, nc2

@@ -62,16 +62,6 @@ def falkon_cuda_status() -> tuple[bool, str]:
     return True, f"Falkon {_falkon.__version__} CUDA extension loaded (CUDA {torch.version.cuda})"
 
 
-@functools.lru_cache(maxsize=1)
-def keops_available() -> bool:
-    """True when ``pykeops`` imports (formulas are compiled lazily at first use)."""
-    try:
-        import pykeops.torch  # noqa: F401
-    except Exception:  # pykeops raises a variety of errors when its toolchain is missing
-        return False
-    return True
-
-
 @dataclasses.dataclass
 class KernelOptions:
     """The subset of ``falkon.FalkonOptions`` the kernel reads, used when Falkon is absent.

@@ -343,17 +343,23 @@ def draw_filters(metric: LearnedMetric, iteration: int | None, k: int, path) -> 
 # ---------------------------------------------------------------------------- commands
 def cmd_info(args):
     from . import __version__
-    from ._compat import FALKON_IMPORT_ERROR, HAS_FALKON, keops_available
+    from ._compat import FALKON_IMPORT_ERROR, HAS_FALKON, falkon_cuda_status
+    from .ops import backend_report, keops_importable
 
     print(f"falkon-convrfm {__version__}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads")
     print(f"Falkon: {'available' if HAS_FALKON else 'not installed (' + FALKON_IMPORT_ERROR + ')'}")
-    print(f"KeOps: {'available' if keops_available() else 'not importable'}")
+    if HAS_FALKON:
+        print(f"Falkon CUDA extension: {falkon_cuda_status()[1]}")
+    print(f"KeOps: {'importable' if keops_importable() else 'not importable'}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             print(f"CUDA device {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB")
     else:
         print("CUDA: no device")
+    print("kernel backend chosen by backend='auto':")
+    for line in backend_report():
+        print(f"  {line}")
 
 
 def read_config(path) -> dict:
