@@ -6,11 +6,14 @@ Over transformed patches T1 (P, n, r), T2 (P, m, r) and location weights ω (P,)
 
 evaluated by one kernel launch: each program owns a BM × BN output tile, loops over the P
 locations, loads the two r-dim patch tiles (zero-padded to R, a power of two ≥ 16, or a
-multiple of 64 above 64), forms the inner products with ``tl.dot`` (fp32 accumulation), applies
-the base kernel's map κ = MAP(⟨u, v⟩, ‖u‖², ‖v‖², param) and accumulates ω_p κ in registers.
-``triton_conv_matrix`` stores the tile; ``triton_conv_mmv`` multiplies each finished tile by
-the matching rows of v (``tl.dot`` again) and accumulates K v in a BM × BT register tile, so K
-is never written to memory. For translation-invariant base kernels the patches are centred per
+multiple of 32 above 32), forms the inner products with ``tl.dot`` (fp32 accumulation), applies
+the base kernel's map κ = MAP(⟨u, v⟩, ‖u‖², ‖v‖², param) and accumulates ω_p κ in registers, in
+blocks of ``LOCATION_BLOCK`` locations (a plain running sum over P = 900 locations drifts by up
+to ~1e-5 relative in float32; blocked, ~3e-7). ``triton_conv_matrix`` stores the tile;
+``triton_conv_mmv`` multiplies the finished tile by the matching rows of v (``tl.dot`` again) and
+adds the (BM, t) product to K v with ``tl.atomic_add``, so K is never written to memory. (A
+program that looped over the centre tiles itself, keeping K v in registers, needed far more
+registers and spilled.) For translation-invariant base kernels the patches are centred per
 location (the mean of T2[p] subtracted from both) before the norms, which limits the
 cancellation in ‖u‖² + ‖v‖² − 2⟨u, v⟩.
 
@@ -20,15 +23,14 @@ R, the map and the precision; problems larger than the tuning problem are tuned 
 of it (``TUNE_ROWS`` × ``TUNE_COLS`` × ``TUNE_LOCATIONS``), so tuning costs milliseconds, not
 several full-size runs per config.
 
-Runs compiled on CUDA tensors; on CPU tensors only in Triton's interpreter
-(``TRITON_INTERPRET=1``, or ``triton.knobs.runtime.interpret = True``), which this module reads
-at call time, not at import, so import order does not matter (the map is converted to the
-running mode, see :func:`_in_mode`). float32 only: float64 belongs to the torch backend.
+Runs compiled on CUDA tensors, or in Triton's CPU interpreter when ``TRITON_INTERPRET=1`` was set
+before triton's first import (Triton fixes the mode of every ``@triton.jit`` function, its own
+``tl.zeros`` included, at decoration time; tests set it in a subprocess). float32 only: float64
+belongs to the torch backend.
 """
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 
@@ -36,25 +38,30 @@ try:
     import triton
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 except ImportError as exc:  # pragma: no cover - depends on the install
-    triton = tl = InterpretedFunction = JITFunction = None
+    triton = tl = InterpretedFunction = None
     _IMPORT_ERROR = f"triton is not importable ({exc})"
 else:
     _IMPORT_ERROR = None
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 MIN_WIDTH = 16  # tl.dot needs every dimension ≥ 16
-CHUNK = 64  # inner-product chunk: ranks above it are padded to a multiple of it
-MAX_VALUES = 64  # columns of v per mmv program; more go to the third grid axis
+CHUNK = 32  # inner-product chunk: ranks above it are padded to a multiple of it (64 spills registers)
+VALUES = 16  # columns of v per tl.dot in mmv, more in turn (wider ones spill registers)
+LOCATION_BLOCK = 32  # locations summed apart before joining the tile's total (float32 accuracy)
 TUNE_ROWS, TUNE_COLS, TUNE_LOCATIONS = 4096, 2048, 128  # the autotune problem (upper bounds)
 INTERPRETER_TILE = {"BM": 32, "BN": 16}  # one small tile: autotuning in the interpreter is pointless
 
-# (BM, BN, warps, stages): the fp32 FMA inner product wants large square tiles, the TF32 ones
-# narrower; a tile/stage choice that spills registers runs 30× slower, hence measured, not guessed.
-_MATRIX_TILES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
-_MMV_TILES = [(128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2)]
-_TUNING_KEY = ["key_n", "key_m", "key_p", "R", "BT", "MAP", "PRECISION"]
+# (BM, BN, warps, stages) per kind of inner product. A choice that spills registers runs up to 30×
+# slower, so these were screened by compiling for sm_90 without a GPU (ptxas register counts,
+# R = 32, laplace, both modes): none of them spills. With exact fp32 (FMA) inner products 32
+# outputs per thread fit only without software pipelining (1 stage); the tensor-core kinds
+# (tf32x3, tf32) pipeline. Autotuning picks among the four of the requested precision.
+_TILES = {
+    "ieee": [(64, 64, 4, 1), (128, 64, 8, 1), (64, 128, 8, 1), (64, 64, 8, 2)],
+    "tensor cores": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+}
+_TUNING_KEY = ["key_n", "key_m", "key_p", "R", "MAP", "PRECISION"]
 
 
 def _conv_kernel(
@@ -65,88 +72,73 @@ def _conv_kernel(
     param,
     key_n, key_m, key_p,
     MAP: tl.constexpr, MMV: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    LB: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """Program (i, s, c): rows i·BM.., centre tiles s, s + S, ... (S = grid size on axis 1).
+    """Program (i, j): the K tile of rows i·BM.. and centres j·BN.. .
 
-    A (P, n, R), B (P, m, R): padded patches, location stride s_ap / s_bp, row stride R; NA, NB:
-    their squared norms (P, n), (P, m). Matrix mode (MMV false): one centre tile per program
-    (S = number of centre tiles), K tile stored to OUT with strides (s_on, s_om). MMV mode: the
-    K tiles times v[:, c·BT..] (strides s_vm, s_vt) are summed and added atomically to OUT (n, t),
-    contiguous and zeroed (programs with different s share rows). key_*: autotune keys only.
+    A (P, n, R), B (P, m, R): padded patches, location strides s_ap / s_bp, row stride R; NA, NB:
+    their squared norms (P, n), (P, m), location strides s_nap / s_nbp. Matrix mode (MMV false):
+    the tile is stored to OUT with strides (s_on, s_om). MMV mode: tile @ v[j·BN.., :] (v with
+    strides s_vm, s_vt; BT columns at a time) is added atomically to OUT (n, t), contiguous and
+    zeroed. key_*: autotune keys only.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < n
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask, cmask = rows < n, cols < m
     kk = tl.arange(0, BK)
     a_offs = rows[:, None] * R + kk[None, :]
-    if MMV:
-        vcols = tl.program_id(2) * BT + tl.arange(0, BT)
-        vmask = vcols < t
-        result = tl.zeros((BM, BT), dtype=tl.float32)
-    for ct in range(tl.program_id(1), (m + BN - 1) // BN, tl.num_programs(1)):
-        cols = ct * BN + tl.arange(0, BN)
-        cmask = cols < m
-        b_offs = cols[None, :] * R + kk[:, None]
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        a_loc, b_loc, na_loc, nb_loc = A, B, NA, NB  # location p's slices: scalar 64-bit pointers
-        for p in range(P):  # a pooling window would loop over (p, p + δ, ω) table entries here
-            dot = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in tl.static_range(0, R, BK):
+    b_offs = cols[None, :] * R + kk[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    a_loc, b_loc, na_loc, nb_loc = A, B, NA, NB  # location p's slices: scalar 64-bit pointers
+    for p0 in range(0, P, LB):  # blocks of LB locations: float32 sum error ~(LB + P/LB)·ulp, not P·ulp
+        part = tl.zeros((BM, BN), dtype=tl.float32)
+        for p in range(p0, tl.minimum(p0 + LB, P)):  # a pooling window: (p, p + δ, ω) table entries
+            dot = tl.dot(tl.load(a_loc + a_offs, mask=rmask[:, None], other=0.0),
+                         tl.load(b_loc + b_offs, mask=cmask[None, :], other=0.0), input_precision=PRECISION)
+            for k0 in range(BK, R, BK):  # ranks above BK: further chunks (a loop, not unrolled)
                 a = tl.load(a_loc + k0 + a_offs, mask=rmask[:, None], other=0.0)
                 b = tl.load(b_loc + k0 + b_offs, mask=cmask[None, :], other=0.0)
                 dot = tl.dot(a, b, dot, input_precision=PRECISION)
             nu = tl.load(na_loc + rows, mask=rmask, other=0.0)
             nv = tl.load(nb_loc + cols, mask=cmask, other=0.0)
-            acc += tl.load(W + p) * MAP(dot, nu[:, None], nv[None, :], param)
+            part += tl.load(W + p) * MAP(dot, nu[:, None], nv[None, :], param)
             a_loc += s_ap
             b_loc += s_bp
             na_loc += s_nap
             nb_loc += s_nbp
-        if MMV:  # centres beyond m meet zero rows of v
-            v = tl.load(V + cols[:, None] * s_vm + vcols[None, :] * s_vt, mask=cmask[:, None] & vmask[None, :], other=0.0)
-            result = tl.dot(acc, v, result, input_precision=PRECISION)
-        else:
-            out_offs = rows.to(tl.int64)[:, None] * s_on + cols.to(tl.int64)[None, :] * s_om
-            tl.store(OUT + out_offs, acc, mask=rmask[:, None] & cmask[None, :])
-    if MMV:
-        out_offs = rows.to(tl.int64)[:, None] * t + vcols[None, :]
-        tl.atomic_add(OUT + out_offs, result, mask=rmask[:, None] & vmask[None, :])
+        acc += part
+    if MMV:  # centres beyond m meet zero rows of v
+        for c0 in range(0, t, BT):
+            vcols = c0 + tl.arange(0, BT)
+            vmask = vcols < t
+            v = tl.load(V + cols[:, None] * s_vm + vcols[None, :] * s_vt, mask=cmask[:, None] & vmask[None, :],
+                        other=0.0)
+            prod = tl.dot(acc, v, input_precision=PRECISION)
+            out_offs = rows.to(tl.int64)[:, None] * t + vcols[None, :]
+            tl.atomic_add(OUT + out_offs, prod, mask=rmask[:, None] & vmask[None, :])
+    else:
+        out_offs = rows.to(tl.int64)[:, None] * s_on + cols.to(tl.int64)[None, :] * s_om
+        tl.store(OUT + out_offs, acc, mask=rmask[:, None] & cmask[None, :])
 
 
-# ---------------------------------------------------------------------------------------------- modes
-def _interpreting() -> bool:
-    """Triton's interpreter flag, read now (``TRITON_INTERPRET`` or the runtime knob)."""
-    return bool(triton.knobs.runtime.interpret)
+# ---------------------------------------------------------------------------------------------- launching
+# Sizes are not specialised on (value 1, divisibility by 16): that would compile (and tune) the
+# kernel again for every such variant; the strides are (alignment of the patch loads).
+_SIZES = ["n", "m", "P", "t", "key_n", "key_m", "key_p"]
+_kernel = triton.jit(_conv_kernel, do_not_specialize=_SIZES) if triton is not None else None
+# Whether Triton runs its interpreter: decided when triton was first imported (TRITON_INTERPRET).
+INTERPRETED = triton is not None and isinstance(_kernel, InterpretedFunction)
 
 
-@functools.lru_cache(maxsize=None)
-def _in_mode(fn, interpret: bool):
-    """A Triton device function as the kind that runs in this mode: an ``InterpretedFunction``
-    in the interpreter, a ``JITFunction`` when compiling.
-
-    ``@triton.jit`` fixes the kind at decoration time from the interpreter flag, so maps defined
-    at import (before a test switched the interpreter on, or after) can be of the wrong kind.
-    Such a function is rebuilt from its Python source with a copy of its globals in which the
-    Triton functions it calls are converted too (nothing shared is modified).
-    """
-    kind = InterpretedFunction if interpret else JITFunction
-    if isinstance(fn, kind):
-        return fn
-    if not isinstance(fn, (InterpretedFunction, JITFunction)):
-        raise TypeError(f"expected a @triton.jit function, got {type(fn).__name__}")
-    py = fn.fn
-    helpers = {
-        name: _in_mode(value, interpret)
-        for name, value in py.__globals__.items()
-        if isinstance(value, (InterpretedFunction, JITFunction)) and name in py.__code__.co_names
-    }
-    if helpers:
-        py = types.FunctionType(py.__code__, {**py.__globals__, **helpers}, py.__name__, py.__defaults__, py.__closure__)
-    return kind(py)
+def _configs():
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
+            for tiles in _TILES.values() for bm, bn, w, s in tiles]
 
 
-def _configs(tiles):
-    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+def _configs_for(configs, named_args, PRECISION, **kwargs):
+    """Autotune's ``early_config_prune``: the tiles screened for this precision."""
+    tiles = _TILES["ieee" if PRECISION == "ieee" else "tensor cores"]
+    return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in tiles]
 
 
 def _bench(kernel_call, quantiles):
@@ -163,19 +155,20 @@ def _bench(kernel_call, quantiles):
 
 
 @functools.lru_cache(maxsize=None)
-def _launcher(mmv: bool, interpret: bool):
-    """The kernel for this mode: one interpreted tile size, or the autotuned compiled kernel."""
-    if interpret:
-        return InterpretedFunction(_conv_kernel)
+def _launcher(mmv: bool):
+    """The kernel to launch: as it is in the interpreter (one small tile), else autotuned."""
+    if INTERPRETED:
+        return _kernel
     return triton.autotune(
-        configs=_configs(_MMV_TILES if mmv else _MATRIX_TILES),
+        configs=_configs(),
         key=_TUNING_KEY,
+        prune_configs_by={"early_config_prune": _configs_for},
         reset_to_zero=["OUT"] if mmv else None,
         do_bench=_bench,
-    )(JITFunction(_conv_kernel))
+    )(_kernel)
 
 
-_TUNED = set()
+_TUNED = set()  # (mode, size class, R, map, precision) already tuned on a slice
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -188,12 +181,9 @@ def padded_rank(r: int) -> int:
     return max(MIN_WIDTH, _next_pow2(r)) if r <= CHUNK else -(-r // CHUNK) * CHUNK
 
 
-def _value_width(t: int) -> int:
-    """BT: columns of v per program, a power of two in [16, MAX_VALUES]."""
-    return min(MAX_VALUES, max(MIN_WIDTH, _next_pow2(t)))
-
-
 def _check_inputs(T1, T2, base, weights, precision):
+    if _IMPORT_ERROR is not None:
+        raise ImportError(f"the Triton backend cannot run: {_IMPORT_ERROR}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     for name, T in (("T1", T1), ("T2", T2), ("weights", weights)):
@@ -209,12 +199,15 @@ def _check_inputs(T1, T2, base, weights, precision):
         raise ValueError(f"T1 and T2 need P ≥ 1 locations and rank r ≥ 1, got {tuple(T1.shape)}")
     if weights.shape != (T1.shape[0],):
         raise ValueError(f"weights must have shape ({T1.shape[0]},), got {tuple(weights.shape)}")
-    if not hasattr(base, "triton_map"):
-        raise TypeError(f"base kernel {base!r} has no triton_map")
-    interpret = _interpreting()
-    if not interpret and T1.device.type != "cuda":
-        raise ValueError("the Triton backend needs CUDA tensors (TRITON_INTERPRET=1 runs its CPU interpreter)")
-    return interpret
+    kind = InterpretedFunction if INTERPRETED else triton.JITFunction
+    if not isinstance(getattr(base, "triton_map", None), kind):
+        raise TypeError(f"base.triton_map of {base!r} must be a @triton.jit function (a {kind.__name__} here), "
+                        f"got {type(getattr(base, 'triton_map', None)).__name__}")
+
+
+def _check_device(device: torch.device) -> None:
+    if not INTERPRETED and device.type != "cuda":
+        raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 before triton's import)")
 
 
 def _padded(T: torch.Tensor, centre, R: int) -> torch.Tensor:
@@ -237,32 +230,17 @@ def _operands(T1, T2, base, R: int):
     return A, B, NA, torch.linalg.vector_norm(B, dim=-1).square_()
 
 
-def _mmv_splits(row_tiles: int, col_tiles: int, device: torch.device, interpret: bool) -> int:
-    """Programs per row tile in mmv (grid axis 1): enough to give every multiprocessor two
-    programs when there are few row tiles (their partial sums meet in ``tl.atomic_add``),
-    one when there are many (then the sum is deterministic). The interpreter uses 2 (when
-    there are two centre tiles) so that tests cover the atomic path."""
-    if interpret:
-        return min(2, col_tiles)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(col_tiles, -(-2 * sms // row_tiles)))
-
-
-def _launch(mmv, A, B, NA, NB, W, V, OUT, sizes, out_strides, param, MAP, R, BT, precision, interpret):
+def _launch(mmv, A, B, NA, NB, W, V, OUT, sizes, out_strides, param, MAP, R, precision):
     """One launch over (n, m, P, t) = ``sizes`` (compiled: tuned first on a slice when the
     problem is larger than the tuning problem)."""
     n, m, P, t = sizes
-    kernel = _launcher(mmv, interpret)
-    MAP = _in_mode(MAP, interpret)
-    fixed = dict(MAP=MAP, MMV=mmv, R=R, BK=min(R, CHUNK), BT=BT, PRECISION=precision)
+    kernel = _launcher(mmv)
+    fixed = dict(MAP=MAP, MMV=mmv, R=R, BK=min(R, CHUNK), BT=VALUES, LB=LOCATION_BLOCK, PRECISION=precision)
     keys = (min(_next_pow2(n), TUNE_ROWS), min(_next_pow2(m), TUNE_COLS), min(_next_pow2(P), TUNE_LOCATIONS))
 
     def run(n, m, P, out, out_strides, tile):
         def grid(meta):
-            row_tiles, col_tiles = triton.cdiv(n, meta["BM"]), triton.cdiv(m, meta["BN"])
-            if mmv:
-                return row_tiles, _mmv_splits(row_tiles, col_tiles, A.device, interpret), triton.cdiv(t, BT)
-            return row_tiles, col_tiles, 1
+            return triton.cdiv(n, meta["BM"]), triton.cdiv(m, meta["BN"])
 
         kernel[grid](
             A, B, NA, NB, W, V, out, n, m, P, t,
@@ -270,15 +248,17 @@ def _launch(mmv, A, B, NA, NB, W, V, OUT, sizes, out_strides, param, MAP, R, BT,
             V.stride(0), V.stride(1), *out_strides, param, *keys, **fixed, **tile,
         )
 
-    if interpret:
+    if INTERPRETED:
         return run(n, m, P, OUT, out_strides, INTERPRETER_TILE)
+    fixed["enable_fp_fusion"] = True  # FMAs in the map and the sums (Triton 3.10 stops defaulting to it)
     sub = (min(n, TUNE_ROWS), min(m, TUNE_COLS), min(P, TUNE_LOCATIONS))
-    tuning_key = (mmv, keys, R, BT, MAP, precision)
-    if sub != (n, m, P) and tuning_key not in _TUNED:
-        scratch = OUT.new_zeros(sub[0], t if mmv else sub[1])
-        run(*sub, scratch, (scratch.stride(0), scratch.stride(1)), {})
-    _TUNED.add(tuning_key)
-    run(n, m, P, OUT, out_strides, {})
+    tuning_key = (mmv, keys, R, MAP, precision)
+    with torch.cuda.device(A.device):  # Triton launches on the current device
+        if sub != (n, m, P) and tuning_key not in _TUNED:
+            scratch = OUT.new_zeros(sub[0], t if mmv else sub[1])
+            run(*sub, scratch, (scratch.stride(0), scratch.stride(1)), {})
+        _TUNED.add(tuning_key)
+        run(n, m, P, OUT, out_strides, {})
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -286,7 +266,7 @@ def triton_available() -> tuple:
     """(usable, reason): Triton imports and there is a CUDA device, or its interpreter is on."""
     if _IMPORT_ERROR is not None:
         return False, _IMPORT_ERROR
-    if _interpreting():
+    if INTERPRETED:
         return True, f"triton {triton.__version__} (CPU interpreter, TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
         return False, f"triton {triton.__version__}, but no CUDA device"
@@ -319,28 +299,29 @@ def triton_conv_matrix(T1, T2, base, sigma, weights, out=None, precision="ieee")
     -------
     out : the filled (n, m) tensor.
     """
-    interpret = _check_inputs(T1, T2, base, weights, precision)
+    _check_inputs(T1, T2, base, weights, precision)
     P, n, r = T1.shape
     m = T2.shape[1]
     if out is None:
         out = T1.new_empty(n, m)
     elif out.shape != (n, m) or out.dtype != torch.float32 or out.device != T1.device:
-        raise ValueError(f"out must be a float32 ({n}, {m}) tensor on {T1.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(f"out must be a float32 ({n}, {m}) tensor on {T1.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    _check_device(T1.device)
     if n == 0 or m == 0:
         return out
     R = padded_rank(r)
     A, B, NA, NB = _operands(T1, T2, base, R)
     _launch(False, A, B, NA, NB, weights.contiguous(), out, out, (n, m, P, 0), (out.stride(0), out.stride(1)),
-            float(base.triton_param(sigma)), base.triton_map, R, MIN_WIDTH, precision, interpret)
+            float(base.triton_param(sigma)), base.triton_map, R, precision)
     return out
 
 
 def triton_conv_mmv(T1, T2, v, base, sigma, weights, out=None, precision="ieee"):
     r"""K v (n, t) for K as in :func:`triton_conv_matrix`, without materialising K.
 
-    Each program accumulates ``K_tile @ v_tile`` over centre tiles in registers; with few row
-    tiles the centre tiles of a row tile are split over several programs whose partial sums
-    are added atomically (then the float32 summation order varies from run to run).
+    Each program adds ``K_tile @ v_tile`` to the result atomically, so the float32 summation
+    order over centre tiles varies from run to run (results agree to rounding).
 
     Parameters
     ----------
@@ -348,7 +329,7 @@ def triton_conv_mmv(T1, T2, v, base, sigma, weights, out=None, precision="ieee")
     v : (m, t) float32 tensor (any strides).
     out : optional (n, t) float32 tensor to fill.
     """
-    interpret = _check_inputs(T1, T2, base, weights, precision)
+    _check_inputs(T1, T2, base, weights, precision)
     P, n, r = T1.shape
     m = T2.shape[1]
     if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.device != T1.device:
@@ -357,11 +338,13 @@ def triton_conv_mmv(T1, T2, v, base, sigma, weights, out=None, precision="ieee")
         raise ValueError(f"v must be ({m}, t), got {tuple(v.shape)}")
     t = v.shape[1]
     if out is not None and (out.shape != (n, t) or out.dtype != torch.float32 or out.device != T1.device):
-        raise ValueError(f"out must be a float32 ({n}, {t}) tensor on {T1.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(f"out must be a float32 ({n}, {t}) tensor on {T1.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    _check_device(T1.device)
     result = T1.new_zeros(n, t)
     if n and m and t:
         R = padded_rank(r)
         A, B, NA, NB = _operands(T1, T2, base, R)
         _launch(True, A, B, NA, NB, weights.contiguous(), v, result, (n, m, P, t), (t, 1),
-                float(base.triton_param(sigma)), base.triton_map, R, _value_width(t), precision, interpret)
+                float(base.triton_param(sigma)), base.triton_map, R, precision)
     return result if out is None else out.copy_(result)
