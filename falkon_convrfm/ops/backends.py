@@ -46,16 +46,10 @@ def keops_importable() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def triton_status() -> tuple:
-    """(usable, reason): Triton imports and there is a CUDA device, or its CPU interpreter is on."""
-    try:
-        import triton
-    except ImportError as exc:
-        return False, f"triton is not importable ({exc})"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True, f"triton {triton.__version__} (CPU interpreter, TRITON_INTERPRET=1)"
-    if not torch.cuda.is_available():
-        return False, f"triton {triton.__version__}, but no CUDA device"
-    return True, f"triton {triton.__version__}"
+    """(usable, reason) of the Triton backend (:func:`.triton.triton_available`)."""
+    from .triton import triton_available
+
+    return triton_available()
 
 
 def keops_probe_command(device_type: str) -> list:
