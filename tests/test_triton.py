@@ -368,3 +368,27 @@ def test_kernel_class_with_triton_backend(kind, rng):
     assert naive.relative_error(k(X1, X2).cpu(), K_ref) <= TOL
     v = torch.randn(7, 2, device=DEVICE)
     assert naive.relative_error(k.mmv(X1, X2, v).cpu(), K_ref @ v.cpu().double().numpy()) <= TOL
+
+
+@runs_kernels
+@pytest.mark.parametrize("kind", KINDS)
+def test_pooled_kernel_with_triton_backend(kind, rng):
+    """A 3×3 pooling window through the Triton backend (one launch per window offset) against the
+    explicit-loop reference of tests/test_pooling.py, random ω, K, mmv and dmmv."""
+    from test_pooling import pooled_reference
+
+    shape, q, stride, padding, window = (2, 6, 5), 3, 1, 0, 3
+    M = naive.random_psd(18, rank=12, rng=rng)
+    w = naive.random_weights(naive.num_locations(shape, q, stride, padding), rng=rng)
+    X1, X2 = rng.standard_normal((6, 60)), rng.standard_normal((5, 60))
+    opt = make_options(no_single_kernel=False) if HAS_FALKON else None
+    k = ConvMahalanobisKernel(M, shape, q, stride, padding, kind, SIGMA, w, opt=opt, backend="triton",
+                              pool_window=window)
+    K_ref = pooled_reference(X1, X2, shape, q, stride, padding, window, kind, SIGMA, M, w)
+    A, B = (torch.from_numpy(x).float().to(DEVICE) for x in (X1, X2))
+    v = torch.randn(5, 2, device=DEVICE)
+    assert naive.relative_error(k(A, B).cpu(), K_ref) <= TOL
+    assert naive.relative_error(k.mmv(A, B, v).cpu(), K_ref @ v.cpu().double().numpy()) <= TOL
+    u = torch.randn(6, 2, device=DEVICE)
+    expected = K_ref.T @ (K_ref @ v.cpu().double().numpy() + u.cpu().double().numpy())
+    assert naive.relative_error(k.dmmv(A, B, v, u).cpu(), expected) <= TOL
