@@ -65,6 +65,7 @@ def parse(argv=None, doc=__doc__, data_default=DEFAULT_DATA):
     p.add_argument("--agop-samples", type=int, default=5_000)
     p.add_argument("--maxiter", type=int, default=20, help="Falkon CG iterations")
     p.add_argument("--patch-size", type=int, default=3)
+    p.add_argument("--pool-window", type=int, default=1, help="local pooling window (odd; 1: aligned patches)")
     p.add_argument("--max-memory-gb", type=float, default=6.0)
     p.add_argument("--skip-identity", action="store_true", help="do not fit the M = I baseline")
     p.add_argument("--out-dir", default="runs/cifar10_convrfm")
@@ -118,8 +119,8 @@ def run(args, Xtr, ytr, Xval, yval, name):
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"{name}: {len(ytr)} train / {len(yval)} validation images; Falkon: {fc.HAS_FALKON}")
     common = dict(
-        patch_size=args.patch_size, kernel=args.kernel, sigma=args.sigma, penalty=args.penalty,
-        n_centres=args.centres, agop_samples=args.agop_samples, agop_power=args.power,
+        patch_size=args.patch_size, pool_window=args.pool_window, kernel=args.kernel, sigma=args.sigma,
+        penalty=args.penalty, n_centres=args.centres, agop_samples=args.agop_samples, agop_power=args.power,
         maxiter=args.maxiter, max_memory=args.max_memory_gb * 2**30, random_state=args.seed,
         device=getattr(args, "device", "cpu"),
     )

@@ -489,6 +489,14 @@ def _cross(size: int) -> np.ndarray:
     return np.maximum(np.eye(size), np.fliplr(np.eye(size)))
 
 
+def _absent(size: int) -> np.ndarray:
+    return np.zeros((size, size))
+
+
+# kind → (pattern of label 0, pattern of label 1)
+LOCAL_SIGNAL_PATTERNS = {"plus_vs_cross": (_plus, _cross), "present_vs_absent": (_absent, _plus)}
+
+
 def make_local_signal(
     n: int,
     image_size: int = 16,
@@ -517,8 +525,8 @@ def make_local_signal(
     ``random_state``: None, an int seed or a ``numpy.random.Generator``.
     Returns images (n, channels, image_size, image_size) of ``dtype`` and labels (n,) int64.
     """
-    if kind not in ("plus_vs_cross", "present_vs_absent"):
-        raise ValueError(f"kind must be 'plus_vs_cross' or 'present_vs_absent', got {kind!r}")
+    if kind not in LOCAL_SIGNAL_PATTERNS:
+        raise ValueError(f"kind must be one of {tuple(LOCAL_SIGNAL_PATTERNS)}, got {kind!r}")
     integers = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (pattern_size, image_size))
     if not (integers and pattern_size >= 3 and pattern_size % 2 == 1 and image_size >= pattern_size):
         raise ValueError(
@@ -529,11 +537,8 @@ def make_local_signal(
         raise ValueError(f"noise must be >= 0, got {noise!r}")
     rng = np.random.default_rng(random_state)
     labels = rng.permutation(np.arange(n) % 2)
-    plus = _plus(pattern_size)
-    if kind == "plus_vs_cross":
-        patterns = np.where(labels[:, None, None] == 0, plus, _cross(pattern_size))
-    else:
-        patterns = np.where(labels[:, None, None] == 1, plus, 0.0)
+    label0, label1 = (pattern(pattern_size) for pattern in LOCAL_SIGNAL_PATTERNS[kind])
+    patterns = np.where(labels[:, None, None] == 0, label0, label1)
     images = noise * rng.standard_normal((n, channels, image_size, image_size))
     top, left = rng.integers(0, image_size - pattern_size + 1, size=(2, n))
     offsets = np.arange(pattern_size)

@@ -239,7 +239,7 @@ def resolve_task(y: np.ndarray, task: str = "auto") -> str:
         return task
     if y.ndim == 2:
         return "classification" if is_one_hot(y) else "regression"
-    if y.dtype.kind == "f":
+    if np.issubdtype(y.dtype, np.floating):
         if np.isfinite(y).all() and np.array_equal(y, np.round(y)):
             warn("y holds integer-valued floats: task='auto' takes them as class labels "
                  "(pass task='classification' or task='regression' to say which)")
@@ -247,7 +247,7 @@ def resolve_task(y: np.ndarray, task: str = "auto") -> str:
         warn("y holds non-integer floats: task='auto' takes them as regression targets "
              "(pass task='regression' to confirm, or integer class labels for classification)")
         return "regression"
-    if y.dtype.kind == "c":
+    if np.issubdtype(y.dtype, np.complexfloating):
         raise TypeError(f"y must hold real numbers or class labels, got dtype {y.dtype}")
     return "classification"
 
@@ -288,7 +288,7 @@ def class_labels(y, n: int, classes=None, name: str = "y") -> np.ndarray:
             raise ValueError(f"{name} has {y.shape[1]} one-hot columns but the model has {len(classes)} classes")
         codes = y.argmax(1)
         return codes if classes is None else classes[codes]
-    if y.dtype.kind == "f":
+    if np.issubdtype(y.dtype, np.floating):
         if not np.isfinite(y).all():
             raise ValueError(f"class labels {name} contain NaN or Inf")
         if not np.array_equal(y, np.round(y)):
