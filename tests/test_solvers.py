@@ -267,13 +267,13 @@ def test_cuda_status_reports_why_the_extension_fails(monkeypatch, cuda_version, 
 def test_falkon_extension_failure_falls_back_to_nystrom(data, monkeypatch, fresh_warnings):
     """Falkon raising OSError at its first use of the compiled extension: one warning, nystrom runs."""
     X, Y, _ = data
+    k, idx = make_kernel(), torch.arange(15)  # built before Falkon is pretended to be installed
     monkeypatch.setattr(_compat, "HAS_FALKON", True)
 
     def broken(*args):
         raise OSError("libtorch_cuda_linalg.so: cannot open shared object file")
 
     monkeypatch.setattr(solvers, "_falkon_fit", broken)
-    k, idx = make_kernel(), torch.arange(15)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         centres, alpha = fit_kernel_machine(k, X, Y, idx, PENALTY, "falkon")
