@@ -42,15 +42,17 @@ def _conv(name: str):
 class LayerSpec:
     """One Deep ConvRFM layer: the ConvRFM that learns M_ℓ and the feature map built from it.
 
-    The fields shared with :class:`ConvRFM` (patch geometry, kernel, sigma, iterations,
-    agop_samples, agop_power, dc_weight) take ConvRFM's defaults; ``width`` (k filters),
-    ``nonlinearity`` (φ: ``"relu"`` or ``"none"``) and ``pool`` (average pooling window, None for
-    none) shape the feature map.
+    The fields shared with :class:`ConvRFM` (patch geometry, the kernel's local pooling window
+    ``pool_window``, kernel, sigma, iterations, agop_samples, agop_power, dc_weight) take
+    ConvRFM's defaults and set the layer's ConvRFM; ``width`` (k filters), ``nonlinearity``
+    (φ: ``"relu"`` or ``"none"``) and ``pool`` (average pooling of the feature map, None for none)
+    shape the feature map.
     """
 
     patch_size: int = _conv("patch_size")
     stride: int = _conv("stride")
     padding: int = _conv("padding")
+    pool_window: int = _conv("pool_window")
     width: int = 64
     nonlinearity: str = "relu"
     pool: int | None = 2
@@ -59,7 +61,7 @@ class LayerSpec:
     iterations: int = _conv("iterations")
     agop_samples: int = _conv("agop_samples")
     agop_power: float = _conv("agop_power")
-    dc_weight: float | None = _conv("dc_weight")
+    dc_weight: float | str | None = _conv("dc_weight")
 
     def __post_init__(self):
         check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
@@ -113,7 +115,8 @@ class DeepConvRFM(RFMEstimator):
     ----------
     layers : sequence of :class:`LayerSpec` (or dicts of its fields), one per feature map.
     final : dict of :class:`ConvRFM` parameters for the classifier on the last maps (patch
-        geometry, kernel, sigma, iterations, ...). Shared settings below fill in the rest.
+        geometry, pool_window, kernel, sigma, iterations, ...; ConvRFM's defaults otherwise).
+        Shared settings below fill in the rest.
     penalty, n_centres, solver, task, maxiter, validation_fraction, preprocess, dtype, device, max_memory, random_state, channels_last, progress
         As in :class:`ConvRFM` (same defaults), for every layer (preprocessing is applied once,
         to the input images; ``random_state=None`` draws one seed for the whole model).
@@ -174,10 +177,11 @@ class DeepConvRFM(RFMEstimator):
         return [s if isinstance(s, LayerSpec) else LayerSpec(**s) for s in self.layers]
 
     def _shared(self, name: str, task, seed) -> dict:
-        """ConvRFM parameters every layer and the final model share; ``name``: its checkpoint folder."""
+        """ConvRFM parameters every layer and the final model share; ``name``: its checkpoint folder.
+        Their input is already preprocessed (once, by this model): ``preprocess=None``."""
         params = dict(penalty=self.penalty, n_centres=self.n_centres, solver=self.solver, task=task, maxiter=self.maxiter,
-                      validation_fraction=self.validation_fraction, dtype=self.dtype, device=self.device,
-                      max_memory=self.max_memory, random_state=seed, progress=self.progress)
+                      validation_fraction=self.validation_fraction, preprocess=None, dtype=self.dtype,
+                      device=self.device, max_memory=self.max_memory, random_state=seed, progress=self.progress)
         if self.checkpoint_dir is not None:
             params["checkpoint_dir"] = os.path.join(self.checkpoint_dir, name)
         return params
@@ -233,7 +237,7 @@ class DeepConvRFM(RFMEstimator):
                     M = rfm.M_
                     filters = random_conv_filters(M, shape[0], spec.patch_size, spec.width, gen).to(Xtr.device)
                 record = {"layer": index, "input_shape": shape, "convrfm_history": rfm.history_,
-                          "best_iteration": rfm.best_iteration_, "sigma": rfm.sigma_,
+                          "best_iteration": rfm.best_iteration_, "sigma": rfm.sigma_, "dc_weight": rfm.dc_weight_,
                           "time_layer": time.perf_counter() - tic, "peak_rss_gb": mem["peak"] / 2**30}
             Xtr, new_shape = map_rows(Xtr, shape, filters, spec, self.max_memory)
             Xval = None if Xval is None else map_rows(Xval, shape, filters, spec, self.max_memory)[0]
@@ -250,7 +254,7 @@ class DeepConvRFM(RFMEstimator):
             self.final_ = self._final_rfm(shape).fit(Xtr, Ytr, Xval, Yval)
         self.history_.append({"layer": "final", "input_shape": shape, "convrfm_history": self.final_.history_,
                               "best_iteration": self.final_.best_iteration_, "sigma": self.final_.sigma_,
-                              "time_layer": time.perf_counter() - tic, "peak_rss_gb": mem["peak"] / 2**30})
+                              "dc_weight": self.final_.dc_weight_, "time_layer": time.perf_counter() - tic, "peak_rss_gb": mem["peak"] / 2**30})
         return self
 
     # ------------------------------------------------------------------ fitted model
@@ -288,7 +292,8 @@ class DeepRFM(DeepConvRFM):
 
     ``widths`` gives k per layer; ``kernel``/``sigma``/``iterations``/``agop_samples`` apply to
     every layer and to the final RFM. Inputs are (n, D) arrays or tensors; the other parameters
-    are those of :class:`DeepConvRFM`.
+    are those of :class:`DeepConvRFM`. A vector has no patch brightness: no DC handling
+    (``dc_weight=None`` in every layer).
     """
 
     def __init__(self, widths=(256,), kernel=_conv("kernel"), sigma="median", iterations=1, agop_samples=2000,
@@ -313,12 +318,12 @@ class DeepRFM(DeepConvRFM):
         if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__"):
             raise TypeError(f"widths must be a sequence of layer widths, got {self.widths!r}")
         return [LayerSpec(patch_size=1, width=w, nonlinearity=self.nonlinearity, pool=None, kernel=self.kernel,
-                          sigma=self.sigma, iterations=self.iterations, agop_samples=self.agop_samples)
+                          sigma=self.sigma, iterations=self.iterations, agop_samples=self.agop_samples, dc_weight=None)
                 for w in self.widths]
 
     def _final_params(self, shape, task, seed) -> dict:
         return dict(image_shape=shape, patch_size=1, kernel=self.kernel, sigma=self.sigma, iterations=self.iterations,
-                    agop_samples=self.agop_samples, **self._shared("final", task, seed))
+                    agop_samples=self.agop_samples, dc_weight=None, **self._shared("final", task, seed))
 
     def _input_shape(self, X, name: str, fitted_shape=None):
         """Vectors (n, D) are (D, 1, 1) images."""

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ._compat import resolve_device
 from .agop import agop_memory_budget, patch_agop
+from .base_kernels import BASE_KERNELS
 from .estimator import RFMEstimator, data_fingerprint, param_default
 from .kernel import ConvMahalanobisKernel, median_patch_distance
 from .metric import dc_direction, fixed_metric, spectrum_summary, update_metric
@@ -254,9 +255,9 @@ class ConvRFM(RFMEstimator):
         positive_int("agop_samples", self.agop_samples)
         positive_int("iterations", self.iterations, minimum=0)
         number_in("shrinkage", self.shrinkage, 0, 1)
-        if self.dc_weight is not None and not (isinstance(self.dc_weight, str) and self.dc_weight == "auto"):
-            if isinstance(self.dc_weight, str):
-                raise ValueError(f"dc_weight must be 'auto', None or a number >= 0, got {self.dc_weight!r}")
+        if isinstance(self.dc_weight, str):
+            check_choice("dc_weight", self.dc_weight, ("auto",))
+        elif self.dc_weight is not None:
             number_in("dc_weight", self.dc_weight, 0, math.inf)
         check_bool("location_weights", self.location_weights)
         check_bool("tune", self.tune)
@@ -277,8 +278,8 @@ class ConvRFM(RFMEstimator):
             warn(f"n_centres={self.n_centres} is ignored by the exact solver, which uses all {n} training rows as centres")
         elif solver != "exact" and self.n_centres > n and self.n_centres != param_default(cls, "n_centres"):
             warn(f"n_centres={self.n_centres} is more than the {n} training rows: all {n} are centres")
-        if self.kernel == "ntk" and self.sigma != param_default(cls, "sigma"):
-            warn(f"sigma={self.sigma!r} is ignored by the ntk base kernel, which has no bandwidth")
+        if not BASE_KERNELS[self.kernel].uses_sigma and self.sigma != param_default(cls, "sigma"):
+            warn(f"sigma={self.sigma!r} is ignored by the {self.kernel} base kernel, which has no bandwidth")
         if solver in ("exact", "nystrom") and self.maxiter != param_default(cls, "maxiter"):
             warn(f"maxiter={self.maxiter} is ignored by the {solver} solver (a direct solve, no iterations)")
         if n_val == 0:
@@ -309,8 +310,8 @@ class ConvRFM(RFMEstimator):
         M = fixed_metric(kernel.geometry.patch_dim, dc_weight)
         if dc_weight is not None:
             T = self._make_kernel(M, None, 1.0, image_shape).patch_features(rows)
-        single = T.shape[1] < 2 and self.sigma != "median"  # one training row: no pairs, nothing to measure
-        return dc_weight, M, math.nan if single else median_patch_distance(T)
+        measurable = T.shape[1] > 1 or self.sigma == "median"  # one training row has no pairs (σ given: no need)
+        return dc_weight, M, median_patch_distance(T) if measurable else math.nan
 
     def _warn_degenerate(self, kernel, rows, median: float) -> None:
         """Warn when the iteration-0 kernel matrix on ``rows`` is numerically diagonal or
@@ -318,15 +319,15 @@ class ConvRFM(RFMEstimator):
         if not kernel.base.uses_sigma or rows.shape[0] < 2:
             return
         rows = rows[:DEGENERATE_ROWS]
-        kind = degeneracy(kernel(rows, rows))
-        if kind is None:
+        shape = degeneracy(kernel(rows, rows))
+        if shape is None:
             return
-        cause = "too small: every image looks unrelated to every other" if kind == "diagonal" else \
+        cause = "too small: every image looks unrelated to every other" if shape == "diagonal" else \
             "too large: every pair of images looks the same"
         advice = ("this is the median aligned-patch distance, so the images themselves are degenerate "
                   "(check the preprocessing)" if math.isclose(self.sigma_, median, rel_tol=1e-6)
                   else f"try sigma={median:.4g}, the median aligned-patch distance (sigma='median')")
-        warn(f"The iteration-0 kernel matrix on {rows.shape[0]} training rows is numerically {kind} with "
+        warn(f"The iteration-0 kernel matrix on {rows.shape[0]} training rows is numerically {shape} with "
              f"sigma={self.sigma_:.4g} ({cause}); {advice}")
 
     def _score_key(self):
@@ -335,7 +336,7 @@ class ConvRFM(RFMEstimator):
     def _tune(self, data, image_shape, M):
         """(σ, λ) with the best validation score at the fixed metric, from the grids."""
         Xtr, Ytr, Xval, Yval, centre_idx = data
-        sigmas = [self.sigma_] if self.kernel == "ntk" else [self.sigma_ * f for f in self.sigma_grid]
+        sigmas = [self.sigma_ * f for f in self.sigma_grid] if BASE_KERNELS[self.kernel].uses_sigma else [self.sigma_]
         best = None
         for sigma in sigmas:
             kernel = self._make_kernel(M, None, sigma, image_shape)
@@ -393,6 +394,7 @@ class ConvRFM(RFMEstimator):
             start, best, self.history_, self.metrics_ = 0, None, [], []
             if self.tune and Xval.shape[0] > 0:
                 self.sigma_, self.penalty_ = self._tune((Xtr, Ytr, Xval, Yval, centre_idx), image_shape, M)
+            self._warn_degenerate(self._make_kernel(M, weights, self.sigma_, image_shape), rows, median)
 
         key = self._score_key()
         bar = tqdm(range(start, self.iterations + 1), desc="ConvRFM", disable=not self.progress, initial=start,
@@ -401,8 +403,6 @@ class ConvRFM(RFMEstimator):
             record = {"iteration": t, "sigma": self.sigma_, "penalty": self.penalty_}
             tic = time.perf_counter()
             kernel = self._make_kernel(M, weights, self.sigma_, image_shape)
-            if t == 0:
-                self._warn_degenerate(kernel, rows, median)
             centres, alpha = self._solve(kernel, Xtr, Ytr, centre_idx, self.penalty_)
             record["time_fit"] = time.perf_counter() - tic
             tic = time.perf_counter()
@@ -422,7 +422,7 @@ class ConvRFM(RFMEstimator):
                                       progress=self.progress)
                 record["time_agop"] = time.perf_counter() - tic
                 tic = time.perf_counter()
-                M = update_metric(G, self.agop_power, self.dc_weight, self.shrinkage)
+                M = update_metric(G, self.agop_power, self.dc_weight_, self.shrinkage)
                 if self.location_weights:
                     weights = share.clamp_min(0).pow(self.agop_power).cpu()
                 record["time_update"] = time.perf_counter() - tic

@@ -149,8 +149,8 @@ def test_defaults_come_from_convrfm():
 
     conv = {k: p.default for k, p in inspect.signature(ConvRFM.__init__).parameters.items() if k != "self"}
     spec = LayerSpec()
-    for name in ("patch_size", "stride", "padding", "kernel", "sigma", "iterations", "agop_samples", "agop_power",
-                 "dc_weight"):
+    for name in ("patch_size", "stride", "padding", "pool_window", "kernel", "sigma", "iterations", "agop_samples",
+                 "agop_power", "dc_weight"):
         assert getattr(spec, name) == conv[name], name
     for cls in (DeepConvRFM, DeepRFM):
         for name, p in inspect.signature(cls.__init__).parameters.items():
@@ -161,12 +161,15 @@ def test_defaults_come_from_convrfm():
 # ---------------------------------------------------------------------------------------------
 # Two-layer DeepConvRFM with fixed metrics (0 ConvRFM iterations: M_ℓ = I)
 # ---------------------------------------------------------------------------------------------
-L1 = dict(patch_size=3, stride=1, padding=1, width=4, nonlinearity="relu", pool=2, sigma=1.0, iterations=0)
-L2 = dict(patch_size=3, stride=1, padding=1, width=3, nonlinearity="relu", pool=2, sigma=1.0, iterations=0)
+# σ and DC handling pinned (pre-issue-10 defaults): these tests are about the feature maps.
+L1 = dict(patch_size=3, stride=1, padding=1, width=4, nonlinearity="relu", pool=2, sigma=1.0, iterations=0,
+          dc_weight=None)
+L2 = dict(patch_size=3, stride=1, padding=1, width=3, nonlinearity="relu", pool=2, sigma=1.0, iterations=0,
+          dc_weight=None)
 # The final kernel is gaussian: the check below compares kernel values at coincident patches
 # (K(x, x)) to 1e-10, which laplace through GEMM distances does not reach (√(round-off) ≈ 1e-8,
 # the same issue as tests/test_kernel.py::test_symmetric_block_matches_naive[laplace-*]).
-FINAL = dict(patch_size=2, kernel="gaussian", iterations=0, sigma=1.0)
+FINAL = dict(patch_size=2, kernel="gaussian", iterations=0, sigma=1.0, dc_weight=None)
 
 
 def load_digit_images(n, classes=(0, 1, 2)):
@@ -176,8 +179,9 @@ def load_digit_images(n, classes=(0, 1, 2)):
 
 
 def deep_model(**overrides):
+    """Raw pixels (preprocess=None, the pre-issue-10 default): the direct references below map them."""
     params = dict(layers=(LayerSpec(**L1), LayerSpec(**L2)), final=FINAL, penalty=1e-3, solver="exact",
-                  dtype="float64", random_state=3, progress=False)
+                  dtype="float64", random_state=3, progress=False, preprocess=None)
     params.update(overrides)
     return DeepConvRFM(**params)
 
@@ -237,8 +241,9 @@ def test_deep_first_map_is_plain_random_convolution():
     """M = I and φ = none, no pooling: the first map is conv2d(x, Z)."""
     X, y = load_digit_images(30)
     spec = LayerSpec(patch_size=3, stride=2, padding=1, width=5, nonlinearity="none", pool=None, sigma=1.0,
-                     iterations=0)
-    model = deep_model(layers=(spec,), final=dict(patch_size=1, iterations=0, sigma=1.0), random_state=11).fit(X, y)
+                     iterations=0, dc_weight=None)
+    model = deep_model(layers=(spec,), final=dict(patch_size=1, iterations=0, sigma=1.0, dc_weight=None),
+                       random_state=11).fit(X, y)
     Z = torch.randn(5, 9, generator=torch.Generator().manual_seed(11), dtype=torch.float64) / math.sqrt(5)
     x = torch.from_numpy(X)
     expected = F.conv2d(x, Z.reshape(5, 1, 3, 3), stride=2, padding=1)
@@ -332,8 +337,9 @@ def load_digit_vectors(n):
 
 
 def deep_rfm(**overrides):
+    """Raw features (preprocess=None, the pre-issue-10 default): the transform test maps them directly."""
     params = dict(widths=(32,), iterations=1, agop_samples=100, penalty=1e-3, solver="exact", dtype="float64",
-                  random_state=0, progress=False)
+                  random_state=0, progress=False, preprocess=None)
     params.update(overrides)
     return DeepRFM(**params)
 
@@ -478,3 +484,37 @@ def test_collapse_of_deep_features_runs(rfm_vectors):
     H = model.transform(X)
     assert nc1(H, y) > 0
     assert 0 <= nc2(H, y) < 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Local pooling and the data-adaptive defaults in deep models
+# ---------------------------------------------------------------------------------------------
+def test_deep_pool_window_per_layer_and_final(tmp_path):
+    X, y = load_digit_images(45)
+    layer = dict(L1, iterations=1, agop_samples=30)
+    final = dict(FINAL, patch_size=1)
+    # penalty 0.1: the box-window pooled kernel is not PSD in general (4×4 final maps here);
+    # no validation split: each layer keeps its last (updated) metric
+    common = dict(penalty=0.1, validation_fraction=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No validation data: the last iterate is kept"
+        pooled = deep_model(layers=(LayerSpec(**layer, pool_window=3),), final=dict(final, pool_window=3),
+                            **common).fit(X, y)
+        aligned = deep_model(layers=(LayerSpec(**layer),), final=final, **common).fit(X, y)
+    assert pooled.final_.kernel_.pool_window == 3 and aligned.final_.kernel_.pool_window == 1
+    assert not torch.equal(pooled.metrics_[0], aligned.metrics_[0])  # the layer's AGOP saw the window
+    pooled.save(tmp_path / "deep.pt")
+    loaded = DeepConvRFM.load(tmp_path / "deep.pt")
+    assert loaded.layers[0].pool_window == 3 and loaded.final_.kernel_.pool_window == 3
+    assert np.array_equal(loaded.decision_function(X), pooled.decision_function(X))
+
+
+def test_deep_preprocesses_once_with_default_settings():
+    """Default preprocess='standardize': the input images are standardised once; the layers'
+    ConvRFMs see feature maps as they are, and their σ and DC weight come from the data."""
+    X, y = load_digit_images(45)
+    model = DeepConvRFM(layers=(LayerSpec(patch_size=3, width=4, iterations=0),), final=dict(iterations=0),
+                        solver="exact", dtype="float64", random_state=0, progress=False).fit(X, y)
+    assert model.preprocessor_ is not None and model.final_.preprocessor_ is None
+    assert model.final_.sigma == "median" and model.final_.sigma_ > 0
+    assert [rec["dc_weight"] for rec in model.history_] == [None, model.final_.dc_weight_]

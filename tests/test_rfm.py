@@ -7,6 +7,7 @@ test is about Falkon.
 from __future__ import annotations
 
 import math
+import re
 import numpy as np
 import pytest
 import torch
@@ -44,9 +45,11 @@ def digits():
 
 
 def small(**overrides):
-    """A fast ConvRFM configuration (exact solver, float64, 2 metric updates)."""
+    """A fast ConvRFM configuration (exact solver, float64, 2 metric updates); σ, preprocessing
+    and DC handling pinned (to the pre-issue-10 defaults) so that these tests do not follow the
+    data-adaptive defaults, which have tests of their own below."""
     params = dict(patch_size=3, kernel="laplace", sigma=2.0, penalty=1e-3, iterations=2, agop_samples=60,
-                  solver="exact", dtype="float64", random_state=0, progress=False)
+                  solver="exact", dtype="float64", random_state=0, progress=False, preprocess=None, dc_weight=None)
     params.update(overrides)
     return ConvRFM(**params)
 
@@ -485,3 +488,113 @@ def test_location_weights_follow_share(digits):
     w = model.kernel_.weights
     assert w.sum().item() == pytest.approx(1.0)
     assert torch.allclose(w, share.clamp_min(0) / share.clamp_min(0).sum(), rtol=1e-10, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local pooling (pool_window)
+# ---------------------------------------------------------------------------------------------
+def test_pool_window_fit_predict_save_load(digits, tmp_path):
+    X, y = digits
+    model = small(pool_window=3, iterations=1, checkpoint_dir=str(tmp_path / "ckpt")).fit(X, y)
+    assert model.kernel_.pool_window == 3
+    aligned = small(iterations=1).fit(X, y)
+    assert not np.allclose(model.decision_function(X), aligned.decision_function(X))  # the window is used
+    ckpt = torch.load(tmp_path / "ckpt" / rfm_module.CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["params"]["pool_window"] == 3
+    path = tmp_path / "pooled.pt"
+    model.save(path)
+    loaded = ConvRFM.load(path)
+    assert loaded.pool_window == 3 and loaded.kernel_.pool_window == 3
+    assert np.array_equal(loaded.decision_function(X), model.decision_function(X))
+    assert np.array_equal(loaded.predict(X), model.predict(X))
+    assert model.score(X, y) > 0.9
+
+
+@pytest.mark.parametrize("window", [0, 2, 1.0, True])
+def test_bad_pool_window(digits, window):
+    X, y = digits
+    with pytest.raises(ValueError, match="pool_window"):
+        small(pool_window=window).fit(X, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-adaptive defaults: σ = median patch distance, standardisation, DC weight "auto"
+# ---------------------------------------------------------------------------------------------
+def smooth_colour_images(n, seed=0):
+    """(n, 3, 8, 8) images whose brightness varies slowly and is shared by the channels (like
+    natural images: neighbouring pixels and channels move together, DC dominates patch distances)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 1, 3, 3, generator=g, dtype=torch.float64)
+    base = torch.nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=True)
+    tint = 0.2 * torch.randn(n, 3, 1, 1, generator=g, dtype=torch.float64)
+    return (base + tint + 0.05 * torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64)).numpy()
+
+
+def test_defaults_are_data_adaptive():
+    defaults = ConvRFM()
+    assert (defaults.sigma, defaults.preprocess, defaults.dc_weight, defaults.pool_window) == ("median", "standardize",
+                                                                                             "auto", 1)
+
+
+def test_dc_distance_share():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(16, 400, 27, generator=g, dtype=torch.float64)
+    assert rfm_module.dc_distance_share(noise) == pytest.approx(1 / 27, rel=0.15)
+    flat = torch.randn(16, 400, 1, generator=g, dtype=torch.float64).expand(16, 400, 27)  # constant patches
+    assert rfm_module.dc_distance_share(flat) == pytest.approx(1.0, rel=1e-12)
+    assert rfm_module.auto_dc_weight(0.7) == 0.2 and rfm_module.auto_dc_weight(0.3) is None
+    assert rfm_module.dc_distance_share(torch.zeros(2, 5, 9)) == 0.0
+
+
+@pytest.mark.parametrize("natural", [True, False])
+def test_auto_dc_weight_follows_the_images(natural):
+    y = np.arange(60) % 2
+    X = smooth_colour_images(60) if natural else np.random.default_rng(0).standard_normal((60, 3, 8, 8))
+    model = small(dc_weight="auto", iterations=1).fit(X, y)
+    if natural:
+        assert model.dc_weight_ == 0.2
+        torch.testing.assert_close(model.metrics_[0], fixed_metric(27, 0.2))
+        e = dc_direction(27)
+        assert (e @ model.metrics_[1] @ e).item() == pytest.approx(0.2, abs=1e-10)  # the update keeps the weight
+    else:
+        assert model.dc_weight_ is None
+        assert torch.equal(model.metrics_[0], torch.eye(27, dtype=torch.float64))
+
+
+def test_default_sigma_and_preprocessing(digits):
+    """sigma='median' and preprocess='standardize' (the defaults): σ is the median aligned-patch
+    distance of the standardised training rows, the same σ whatever the pixel scale."""
+    X, y = digits
+    model = small(sigma="median", preprocess="standardize", iterations=0).fit(X, y)
+    scaled = small(sigma="median", preprocess="standardize", iterations=0).fit(255 * X, y)
+    assert model.preprocessor_ is not None
+    assert model.sigma_ == pytest.approx(scaled.sigma_, rel=1e-6)
+    assert model.history_[0]["sigma"] == model.sigma_ > 0
+    assert np.array_equal(model.predict(X), scaled.predict(255 * X))
+
+
+# (a numerically diagonal kernel interpolates: its AGOP is 0 and the update refuses it, so 0 iterations)
+@pytest.mark.parametrize("sigma, kind, iterations", [(1e-4, "diagonal", 0), (1e9, "constant", 2)])
+def test_degenerate_kernel_warns_once(sigma, kind, iterations):
+    X = np.random.default_rng(0).standard_normal((40, 1, 8, 8))
+    y = np.arange(40) % 2
+    with pytest.warns(UserWarning, match=re.escape(f"numerically {kind} with sigma={sigma:.4g}")) as record:
+        small(sigma=sigma, iterations=iterations).fit(X, y)
+    messages = [str(w.message) for w in record if "numerically" in str(w.message)]
+    assert len(messages) == 1, messages
+    median = small(iterations=0, sigma="median").fit(X, y).sigma_
+    assert f"try sigma={median:.4g}" in messages[0]
+
+
+def test_median_sigma_kernel_is_not_degenerate(recwarn):
+    X = np.random.default_rng(0).standard_normal((40, 1, 8, 8))
+    small(sigma="median", iterations=0).fit(X, np.arange(40) % 2)
+    assert not [w for w in recwarn if "numerically" in str(w.message)]
+
+
+def test_degeneracy():
+    K = torch.eye(5, dtype=torch.float64)
+    assert rfm_module.degeneracy(K) == "diagonal"
+    assert rfm_module.degeneracy(K + 1e-3) is None
+    assert rfm_module.degeneracy(torch.ones(4, 4) * 0.7) == "constant"
+    assert rfm_module.degeneracy(torch.ones(4, 4) + 1e-9 * torch.eye(4, dtype=torch.float64)) == "constant"
