@@ -16,6 +16,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10_train.npz"
 # Installation commands are exercised by CI itself (scripts/test.sh builds the environment).
 NOT_RUN = ("pip ", "FORCE_ONLY_CPU", "bash scripts/", "git ", "rm ")
+NEEDS_CIFAR = ("cifar10_", "cnfa_check")  # examples that read the shared CIFAR-10 file by default
 SMALL = {  # appended options override the documented sizes (argparse keeps the last value)
     "examples/quickstart.py": ["--iterations", "1"],
     "examples/cifar10_convrfm.py": ["--n-train", "300", "--n-val", "100", "--centres", "100",
@@ -75,7 +76,7 @@ def test_every_documented_command_runs(tmp_path):
     for doc, command in documented_commands():
         if command.startswith(NOT_RUN):
             continue
-        if "cifar10_" in command and not CIFAR.exists() and "--data" not in command:
+        if any(name in command for name in NEEDS_CIFAR) and not CIFAR.exists() and "--data" not in command:
             continue  # the shared CIFAR file is not beside this checkout
         result = subprocess.run(as_argv(command, svhn), cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=600)
