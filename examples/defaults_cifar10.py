@@ -36,17 +36,20 @@ PRESETS = {
 }
 
 
-def run(preset: str, data, n_train: int, n_val: int, centres: int, patch_size: int, threads: int) -> dict:
+def run(preset: str, data, n_train: int, n_val: int, centres: int, patch_size: int, threads: int,
+        checkpoint_dir=None) -> dict:
     torch.set_num_threads(threads)
     X, y = data.images, data.labels
     Xtr, ytr, Xval, yval = X[:n_train], y[:n_train], X[n_train:n_train + n_val], y[n_train:n_train + n_val]
     params = dict(patch_size=patch_size, n_centres=centres, solver="falkon", random_state=0, progress=False,
                   **PRESETS[preset])
+    if checkpoint_dir is not None:  # a killed run resumes at its last finished iteration
+        params["checkpoint_dir"] = str(Path(checkpoint_dir) / preset)
     tic = time.perf_counter()
     model = ConvRFM(**params).fit(Xtr, ytr, Xval, yval)
     seconds = time.perf_counter() - tic
     val = [h["val_accuracy"] for h in model.history_]
-    return {"preset": preset, "params": {k: v for k, v in params.items() if k != "progress"},
+    return {"preset": preset, "params": {k: v for k, v in params.items() if k not in ("progress", "checkpoint_dir")},
             "n_train": n_train, "n_val": n_val, "sigma": model.sigma_, "penalty": model.penalty_,
             "dc_weight": model.dc_weight_, "val_accuracy": val, "fixed": val[0], "kept": val[model.best_iteration_],
             "best_iteration": model.best_iteration_, "tuning": model.tuning_, "seconds": seconds,
@@ -63,10 +66,12 @@ def main(argv=None):
     p.add_argument("--patch-size", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.add_argument("--checkpoint-dir", default=None, help="resume killed runs from checkpoints kept here")
     args = p.parse_args(argv)
     data = load_npz(args.data)
     for preset in args.presets:
-        line = json.dumps(run(preset, data, args.n_train, args.n_val, args.centres, args.patch_size, args.threads))
+        line = json.dumps(run(preset, data, args.n_train, args.n_val, args.centres, args.patch_size, args.threads,
+                              args.checkpoint_dir))
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -40,7 +40,7 @@ def test_defaults_learn_on_colour_noise_images():
     a uniformly random place; 300 training and 300 validation images. The defaults at work:
     per-channel standardisation, σ = median aligned-patch distance, DC weight "auto" (→ none: the
     DC share of these patch distances is ≈ 1/d), 3 updates. Measured (docs/results.md):
-    55.7 % → 67.0 / 76.7 / 81.0 %, ~40 s on one core.
+    55.7 % → 67.0 / 76.7 / 81.0 %, 24–40 s on one core.
     """
     X, y = make_local_signal(600, image_size=32, pattern_size=7, noise=0.5, kind="present_vs_absent", channels=3,
                              random_state=0)
