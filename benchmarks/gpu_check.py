@@ -18,7 +18,7 @@ Prints, in this order (each section in its own try/except, so one failure still 
 
     python benchmarks/gpu_check.py            # ≤ 8 minutes on one H100
     python benchmarks/gpu_check.py --quick    # tiny sizes: a smoke run
-    python benchmarks/gpu_check.py --sections accuracy throughput
+    python benchmarks/gpu_check.py --sections accuracy throughput --kernels laplace --throughput-n 8192
 
 Without a CUDA device it says so and exits 0. The first Triton call of each base kernel,
 precision and mode compiles and autotunes (seconds); Triton caches the binaries on disk.
@@ -101,11 +101,9 @@ def block(kernel, X1, X2):
     return kernel.compute(X1, X2, X1.new_empty(X1.shape[0], X2.shape[0]), diag=False)
 
 
-def variants():
-    """(kind, backend, precision) rows of the tables."""
-    from falkon_convrfm.base_kernels import BASE_KERNELS
-
-    for kind in BASE_KERNELS:
+def variants(kinds):
+    """(kind, backend, precision) rows of the tables, for the base kernels ``kinds``."""
+    for kind in kinds:
         yield kind, "torch", "-"
         for precision in PRECISIONS.get(kind, ("ieee",)):
             yield kind, "triton", precision
@@ -154,7 +152,7 @@ def accuracy_section(sizes: dict):
     print(f"n = {n1}, m = {n2}, P = 900, t = 10, AGOP on {Xa.shape[0]} rows; error = max|err| / max|ref|")
     print(f"{'kernel':9s} {'backend':7s} {'precision':9s} {'K':>9s} {'K v':>9s} {'AGOP':>9s}")
     refs = {}
-    for kind, backend, precision in variants():
+    for kind, backend, precision in variants(sizes["kernels"]):
         if kind not in refs:
             sigma = median_patch_distance(make_kernel(kind, M, 1.0, "torch").patch_features(X1[:64]))
             k64 = make_kernel(kind, M, sigma, "torch")
@@ -185,7 +183,7 @@ def throughput_section(sizes: dict, gemm: dict):
           f"tf32 {tf32 / 1e12:.1f} TFLOP/s; '% fp32' = best evals/s × 2d / fp32 GEMM rate")
     print(f"{'kernel':9s} {'backend':7s} {'precision':9s} {'n = m':>6s} {'mmv G/s':>9s} {'K G/s':>9s} {'% fp32':>7s}")
     data = {}
-    for kind, backend, precision in variants():
+    for kind, backend, precision in variants(sizes["kernels"]):
         n = sizes["triton_n"] if backend == "triton" else sizes["torch_n"]
         if n not in data:
             g = torch.Generator(device="cuda").manual_seed(2)
@@ -260,13 +258,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--kernels", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS),
+                   help="base kernels of the accuracy and throughput tables")
+    p.add_argument("--throughput-n", type=int, help="n = m of the Triton throughput rows (default 16384)")
     p.add_argument("--data", type=Path, default=next((c for c in DATA_CANDIDATES if c.is_file()), DATA_CANDIDATES[0]),
                    help="CIFAR-10 training npz (images, labels)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check.")
         return 0
-    sizes = QUICK if args.quick else FULL
+    sizes = dict(QUICK if args.quick else FULL, kernels=args.kernels)
+    if args.throughput_n:
+        sizes["triton_n"] = args.throughput_n
     tic = time.perf_counter()
     gemm = {}
     if "env" in args.sections:

@@ -49,6 +49,11 @@ def existing_data(path) -> str:
     return path
 
 
+def bandwidth(text: str):
+    """--sigma: 'median' or a positive number."""
+    return text if text == "median" else float(text)
+
+
 def parse(argv=None, doc=__doc__, data_default=DEFAULT_DATA):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=data_default, help="dataset file (default: %(default)s)")
@@ -57,7 +62,8 @@ def parse(argv=None, doc=__doc__, data_default=DEFAULT_DATA):
     p.add_argument("--centres", type=int, default=2_000)
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--kernel", default="laplace", choices=["laplace", "gaussian", "ntk"])
-    p.add_argument("--sigma", type=float, default=3.0, help="bandwidth on standardised pixels")
+    p.add_argument("--sigma", type=bandwidth, default="median",
+                   help="bandwidth on standardised pixels, or 'median' (the median aligned-patch distance)")
     p.add_argument("--penalty", type=float, default=1e-6)
     p.add_argument("--power", type=float, default=1.0, help="AGOP power")
     p.add_argument("--dc-weight", type=float, default=0.2, help="DC weight; negative: keep DC in G")
@@ -66,6 +72,8 @@ def parse(argv=None, doc=__doc__, data_default=DEFAULT_DATA):
     p.add_argument("--maxiter", type=int, default=20, help="Falkon CG iterations")
     p.add_argument("--patch-size", type=int, default=3)
     p.add_argument("--pool-window", type=int, default=1, help="local pooling window (odd; 1: aligned patches)")
+    p.add_argument("--solver", default="auto", choices=["auto", "falkon", "nystrom", "exact"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (--full sets cuda)")
     p.add_argument("--max-memory-gb", type=float, default=6.0)
     p.add_argument("--skip-identity", action="store_true", help="do not fit the M = I baseline")
     p.add_argument("--out-dir", default="runs/cifar10_convrfm")
@@ -95,6 +103,16 @@ def full_preset(args, n_total: int, image_shape) -> bool:
     return True
 
 
+def reset_gpu_peak(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_gb(device: str):
+    """Peak GPU memory allocated by torch since the last reset, in GiB (None on the CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None
+
+
 def load_split(path, n_train, n_val):
     data = load_npz(path)
     if n_train + n_val > len(data.labels):
@@ -122,23 +140,27 @@ def run(args, Xtr, ytr, Xval, yval, name):
         patch_size=args.patch_size, pool_window=args.pool_window, kernel=args.kernel, sigma=args.sigma,
         penalty=args.penalty, n_centres=args.centres, agop_samples=args.agop_samples, agop_power=args.power,
         maxiter=args.maxiter, max_memory=args.max_memory_gb * 2**30, random_state=args.seed,
-        device=getattr(args, "device", "cpu"),
+        solver=args.solver, device=args.device,
     )
     runs = {}
     if not args.skip_identity:
         tic = time.perf_counter()
+        reset_gpu_peak(args.device)
         with peak_rss() as mem:
-            ident = fc.ConvRFM(iterations=0, **common).fit(Xtr, ytr, Xval, yval)
+            ident = fc.ConvRFM(iterations=0, dc_weight=None, **common).fit(Xtr, ytr, Xval, yval)
         runs["identity"] = {"history": ident.history_, "seconds": time.perf_counter() - tic,
-                            "peak_rss_gb": mem["peak"] / 2**30}
-        print(f"fixed kernel M = I: val accuracy {ident.history_[0]['val_accuracy']:.4f}")
+                            "peak_rss_gb": mem["peak"] / 2**30, "peak_gpu_gb": gpu_peak_gb(args.device)}
+        print(f"fixed kernel M = I (sigma {ident.sigma_:.4g}): val accuracy {ident.history_[0]['val_accuracy']:.4f} "
+              f"({runs['identity']['seconds']:.0f} s)")
     dc = None if args.dc_weight < 0 else args.dc_weight
     tic = time.perf_counter()
+    reset_gpu_peak(args.device)
     with peak_rss() as mem:
         model = fc.ConvRFM(iterations=args.iterations, dc_weight=dc, shrinkage=args.shrinkage,
                            checkpoint_dir=os.path.join(args.out_dir, "checkpoint"), **common).fit(Xtr, ytr, Xval, yval)
     runs["convrfm"] = {"history": model.history_, "seconds": time.perf_counter() - tic,
-                       "peak_rss_gb": mem["peak"] / 2**30, "best_iteration": model.best_iteration_}
+                       "peak_rss_gb": mem["peak"] / 2**30, "peak_gpu_gb": gpu_peak_gb(args.device),
+                       "best_iteration": model.best_iteration_}
 
     print(f"\n{'iteration':>9s} {'metric':>16s} {'train acc':>9s} {'val acc':>8s} {'fit s':>7s} {'agop s':>7s} "
           f"{'update s':>8s} {'DC share':>8s}")
@@ -149,8 +171,9 @@ def run(args, Xtr, ytr, Xval, yval, name):
         print(f"{h['iteration']:9d} {label:>16s} {h['train_accuracy']:9.4f} {h['val_accuracy']:8.4f} "
               f"{h['time_fit'] + h['time_eval']:7.1f} {h.get('time_agop', 0):7.1f} {h.get('time_update', 0):8.3f} "
               f"{h['spectrum']['dc_share']:8.3f}")
+    gpu = runs["convrfm"]["peak_gpu_gb"]
     print(f"* kept: iteration {model.best_iteration_} (best on validation); "
-          f"peak RSS {runs['convrfm']['peak_rss_gb']:.2f} GiB")
+          f"peak RSS {runs['convrfm']['peak_rss_gb']:.2f} GiB" + (f", peak GPU memory {gpu:.2f} GiB" if gpu else ""))
     with open(os.path.join(args.out_dir, "history.json"), "w") as f:
         json.dump({"args": vars(args), "runs": runs}, f, indent=1)
     kept = describe_iterate(model.history_, model.best_iteration_)

@@ -10,6 +10,8 @@ rest is ConvRFM's defaults unless a preset overrides it:
     dc-none      the defaults with dc_weight=None (DC left in the AGOP)
     dc-0.2       the defaults with dc_weight=0.2 (what "auto" picks on CIFAR-10)
     pre-issue-10 the former defaults: sigma=1.0, preprocess=None, dc_weight=None
+    power-0.5    the defaults with agop_power=0.5 (M ∝ G^½: a softer update)
+    shrink-0.5   the defaults with shrinkage=0.5 (M halfway back to the fixed metric)
 
 Prints one JSON line per run (validation accuracy per iteration, the kept iterate, σ, the DC
 weight, timings) and appends it to ``--out``:
@@ -33,6 +35,8 @@ PRESETS = {
     "dc-none": {"dc_weight": None},
     "dc-0.2": {"dc_weight": 0.2},
     "pre-issue-10": {"sigma": 1.0, "preprocess": None, "dc_weight": None},
+    "power-0.5": {"agop_power": 0.5},
+    "shrink-0.5": {"shrinkage": 0.5},
 }
 
 

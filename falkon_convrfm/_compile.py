@@ -26,9 +26,12 @@ def use_compiled(evaluations: int) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def compiled_fn(fn):
-    """``fn`` through ``torch.compile`` (static shapes), falling back to eager ``fn`` for good,
-    with one warning, if compilation does not work here (no C++ toolchain, ...)."""
-    fast = torch.compile(fn, dynamic=False)
+    """``fn`` through ``torch.compile``, falling back to eager ``fn`` for good, with one warning, if
+    compilation does not work here (no C++ toolchain, ...). Shapes are static at first and turn
+    dynamic at the first change (torch's automatic dynamic shapes): block sizes vary (row blocks,
+    the location counts of pooling offsets), and one static graph per shape would hit torch's
+    recompile limit (8) and fall back to eager with a warning."""
+    fast = torch.compile(fn, dynamic=None)
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
