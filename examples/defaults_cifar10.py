@@ -60,6 +60,15 @@ def run(preset: str, data, n_train: int, n_val: int, centres: int, patch_size: i
             "times": [{k: v for k, v in h.items() if k.startswith("time")} for h in model.history_]}
 
 
+def emit(record: dict, path=None) -> None:
+    """Print ``record`` as one JSON line and append it to ``path`` (if given)."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("presets", nargs="+", choices=tuple(PRESETS))
@@ -74,12 +83,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     data = load_npz(args.data)
     for preset in args.presets:
-        line = json.dumps(run(preset, data, args.n_train, args.n_val, args.centres, args.patch_size, args.threads,
-                              args.checkpoint_dir))
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit(run(preset, data, args.n_train, args.n_val, args.centres, args.patch_size, args.threads,
+                 args.checkpoint_dir), args.out)
 
 
 if __name__ == "__main__":

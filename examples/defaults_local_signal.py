@@ -18,10 +18,10 @@ kernel), appended to ``--out`` if given:
     python examples/defaults_local_signal.py defaults dc-0.2 raw-median sigma-1 pre-issue-10
 """
 import argparse
-import json
 import time
 
 import torch
+from defaults_cifar10 import emit
 
 from falkon_convrfm import ConvRFM
 from falkon_convrfm.datasets import make_local_signal
@@ -59,11 +59,7 @@ def main(argv=None):
     X, y = make_local_signal(2 * args.n, image_size=32, pattern_size=args.pattern, noise=args.noise,
                              kind="present_vs_absent", channels=3, random_state=0)
     for preset in args.presets:
-        line = json.dumps(run(preset, X, y, args.n, args.patch))
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit(run(preset, X, y, args.n, args.patch), args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .ops.backends import BACKENDS
 from .ops.keops import rows_within
 from .ops.pooling import location_pairs, window_memory, window_sum
 from .patches import PatchGeometry
-from .validation import as_tensor, check_finite, check_sigma, positive_int
+from .validation import as_tensor, check_finite, check_pool_window, check_sigma
 
 _KernelBase = FalkonKernelBase if HAS_FALKON else StandaloneKernel
 PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -115,9 +115,7 @@ class ConvMahalanobisKernel(_KernelBase):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.geometry = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
-        self.pool_window = positive_int("pool_window", pool_window)
-        if pool_window % 2 == 0:
-            raise ValueError(f"pool_window must be odd (a window centred on each location), got {pool_window}")
+        self.pool_window = check_pool_window(pool_window)
         self._partners = self.geometry.window_partners(pool_window) if pool_window > 1 else None
         d = self.geometry.patch_dim
         self.base_kernel = kernel

@@ -24,6 +24,7 @@ from .validation import (
     check_base_kernel,
     check_bool,
     check_choice,
+    check_pool_window,
     check_sigma,
     number_in,
     positive_int,
@@ -247,8 +248,7 @@ class ConvRFM(RFMEstimator):
         positive_int("patch_size", self.patch_size)
         positive_int("stride", self.stride)
         positive_int("padding", self.padding, minimum=0)
-        if positive_int("pool_window", self.pool_window) % 2 == 0:
-            raise ValueError(f"pool_window must be odd (a window centred on each location), got {self.pool_window}")
+        check_pool_window(self.pool_window)
         check_base_kernel(self.kernel)
         check_sigma(self.sigma, allow=("median",))
         positive_number("agop_power", self.agop_power)

@@ -110,6 +110,14 @@ def check_sigma(sigma, allow=()) -> float | str:
     return float(sigma)
 
 
+def check_pool_window(value) -> int:
+    """An odd pooling window w ≥ 1 (a window centred on each location)."""
+    w = positive_int("pool_window", value)
+    if w % 2 == 0:
+        raise ValueError(f"pool_window must be odd (a window centred on each location), got {value}")
+    return w
+
+
 def check_random_state(value) -> int | None:
     """None (a fresh seed) or a non-negative integer seed."""
     return None if value is None else positive_int("random_state", value, minimum=0)
