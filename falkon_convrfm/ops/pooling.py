@@ -8,6 +8,11 @@ partner p + δ and those partners. The pair weight is the mean of the two locati
 stays symmetric for any ω (it is ω_p for uniform ω, the textbook local-pooling kernel). The
 backends stay aligned-only: this module gathers the location pairs
 (:meth:`~falkon_convrfm.patches.PatchGeometry.window_partners`).
+
+The flat window is not positive semi-definite by construction (the 0/1 band matrix of the window
+has negative eigenvalues); on CIFAR-10 (standardised, laplace, w = 3) the smallest eigenvalue of
+a 300-image Gram matrix was ≥ 0.95 at σ ∈ {0.5, 1, 4}, and the Nyström solve adds jitter when a
+factorisation fails.
 """
 from __future__ import annotations
 
