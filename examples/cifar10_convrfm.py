@@ -51,7 +51,12 @@ def existing_data(path) -> str:
 
 def bandwidth(text: str):
     """--sigma: 'median' or a positive number."""
-    return text if text == "median" else float(text)
+    if text == "median":
+        return text
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 'median' or a positive number, got {text}")
+    return value
 
 
 def parse(argv=None, doc=__doc__, data_default=DEFAULT_DATA):

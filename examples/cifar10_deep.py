@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from cifar10_convrfm import DEFAULT_DATA, existing_data, load_split
+from cifar10_convrfm import DEFAULT_DATA, bandwidth, existing_data, load_split
 
 from falkon_convrfm.deep import DeepConvRFM, LayerSpec
 from falkon_convrfm.memory import peak_rss
@@ -34,7 +34,7 @@ def parse(argv=None):
     p.add_argument("--iterations", type=int, default=1, help="ConvRFM iterations per layer")
     p.add_argument("--agop-samples", type=int, default=2_000)
     p.add_argument("--dc-weight", type=float, default=0.2, help="first layer's DC weight (negative: none)")
-    p.add_argument("--sigma", default="median")
+    p.add_argument("--sigma", type=bandwidth, default="median", help="bandwidth, or 'median' (default)")
     p.add_argument("--penalty", type=float, default=1e-6)
     p.add_argument("--max-memory-gb", type=float, default=6.0)
     p.add_argument("--small", action="store_true", help="n-train 2000, n-val 1000, 500 centres")
@@ -48,12 +48,11 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     Xtr, ytr, Xval, yval = load_split(existing_data(args.data), args.n_train, args.n_val)
-    sigma = args.sigma if args.sigma == "median" else float(args.sigma)
     dc = None if args.dc_weight < 0 else args.dc_weight
-    final = dict(patch_size=3, sigma=sigma, iterations=args.iterations, agop_samples=args.agop_samples)
+    final = dict(patch_size=3, sigma=args.sigma, iterations=args.iterations, agop_samples=args.agop_samples)
     rows = []
     for depth in args.depths:
-        layers = [LayerSpec(width=args.width, pool=args.pool, nonlinearity=args.nonlinearity, sigma=sigma,
+        layers = [LayerSpec(width=args.width, pool=args.pool, nonlinearity=args.nonlinearity, sigma=args.sigma,
                             iterations=args.iterations, agop_samples=args.agop_samples,
                             dc_weight=dc if i == 0 else None) for i in range(depth - 1)]
         model = DeepConvRFM(layers=layers, final={**final, "dc_weight": dc if depth == 1 else None},
