@@ -14,6 +14,7 @@ Prints a per-iteration table, writes ``history.json`` and the filters PNG to ``-
     python examples/cifar10_convrfm.py --small          # minutes on a 2-core CPU
     python examples/cifar10_convrfm.py --n-train 10000 --n-val 5000 --centres 2000
     python examples/cifar10_convrfm.py --full           # one GPU: full training set, planned centres
+    python examples/cifar10_convrfm.py --device cuda --solver nystrom --n-train 45000 --centres 5000 --pool-window 3
 
 ``--full`` uses all images but a 5 000-image validation split, and the largest centre count
 (capped at 20 000) that the memory planner fits in ``--device-memory-gb`` (80); it prints the
@@ -109,6 +110,7 @@ def full_preset(args, n_total: int, image_shape) -> bool:
 
 
 def reset_gpu_peak(device: str) -> None:
+    """Start a new peak-GPU-memory measurement (on CUDA; nothing on the CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 

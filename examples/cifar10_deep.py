@@ -29,7 +29,8 @@ def parse(argv=None):
     p.add_argument("--centres", type=int, default=2_000)
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--width", type=int, default=32, help="filters per feature-map layer")
-    p.add_argument("--pool", type=int, default=2)
+    p.add_argument("--pool", type=int, default=2, help="average pooling of each feature map")
+    p.add_argument("--pool-window", type=int, default=1, help="local pooling window of the final ConvRFM (odd)")
     p.add_argument("--nonlinearity", choices=["relu", "none"], default="relu")
     p.add_argument("--iterations", type=int, default=1, help="ConvRFM iterations per layer")
     p.add_argument("--agop-samples", type=int, default=2_000)
@@ -49,7 +50,8 @@ def main(argv=None):
     args = parse(argv)
     Xtr, ytr, Xval, yval = load_split(existing_data(args.data), args.n_train, args.n_val)
     dc = None if args.dc_weight < 0 else args.dc_weight
-    final = dict(patch_size=3, sigma=args.sigma, iterations=args.iterations, agop_samples=args.agop_samples)
+    final = dict(patch_size=3, pool_window=args.pool_window, sigma=args.sigma, iterations=args.iterations,
+                 agop_samples=args.agop_samples)
     rows = []
     for depth in args.depths:
         layers = [LayerSpec(width=args.width, pool=args.pool, nonlinearity=args.nonlinearity, sigma=args.sigma,
