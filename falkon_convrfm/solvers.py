@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -17,6 +18,7 @@ from .validation import positive_number
 SOLVERS = ("auto", "falkon", "exact", "nystrom")
 DEFAULT_BLOCK_MEMORY = 2**30  # bytes for one row block of K_nm in the Nyström solver
 NYSTROM_JITTERS = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6)  # relative to tr(A)/m, tried in order
+PRECONDITIONER_JITTER_STEPS = (1.0, 1e2, 1e4)  # × Falkon's pc_epsilon, tried in order
 
 _warned: set[str] = set()
 
@@ -219,7 +221,40 @@ def _options_block_memory(options, device: torch.device) -> float:
     return float(budget) if math.isfinite(budget) else DEFAULT_BLOCK_MEMORY
 
 
+def _is_cholesky_failure(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "potrf" in text or "cholesky" in text or "positive-definite" in text
+
+
 def _falkon_fit(kernel, X, Y, centre_idx, penalty, loss, maxiter, options):
+    """(centres, α) from Falkon, see :func:`_falkon_model_fit`. When the Cholesky factorisation of
+    Falkon's preconditioner fails (K_mm numerically singular in the data's precision, e.g. smooth
+    pooled kernels in float32), the fit is repeated with the preconditioner's jitter ``pc_epsilon``
+    × :data:`PRECONDITIONER_JITTER_STEPS`, with a warning. The jitter only changes the
+    preconditioner, hence how fast CG converges, not the problem it solves."""
+    options = options if options is not None else make_options()
+    base = options.pc_epsilon_32, options.pc_epsilon_64
+    for step in PRECONDITIONER_JITTER_STEPS:
+        jittered = dataclasses.replace(options, pc_epsilon_32=base[0] * step, pc_epsilon_64=base[1] * step)
+        try:
+            result = _falkon_model_fit(kernel, X, Y, centre_idx, penalty, loss, maxiter, jittered)
+        except RuntimeError as exc:
+            if not _is_cholesky_failure(exc):
+                raise
+            failure = exc
+            continue
+        if step != 1.0:
+            _warn_once(f"Falkon's preconditioner needed {step:g}× its default jitter (pc_epsilon) to factorise "
+                       f"K_mm ({len(centre_idx)} centres, {X.dtype}); CG may need more iterations (maxiter={maxiter})")
+        return result
+    raise RuntimeError(
+        f"Falkon's preconditioner could not factorise K_mm ({len(centre_idx)} centres, {X.dtype}) even with "
+        f"{PRECONDITIONER_JITTER_STEPS[-1]:g}× its default jitter ({failure}); use dtype='float64', fewer "
+        "centres or solver='nystrom'"
+    )
+
+
+def _falkon_model_fit(kernel, X, Y, centre_idx, penalty, loss, maxiter, options):
     """(centres, α) from ``falkon.Falkon``/``InCoreFalkon`` (squared loss) or ``LogisticFalkon``."""
     falkon = _compat.require_falkon()
     centres = X[centre_idx]

@@ -118,6 +118,41 @@ def test_nystrom_matches_falkon_with_the_same_centres(data):
     assert rel(kernel_predict(k, Xt, c1, a1), kernel_predict(k, Xt, c2, a2)) <= 1e-6
 
 
+@requires_falkon
+def test_falkon_preconditioner_failure_is_retried_with_more_jitter(data, monkeypatch, fresh_warnings):
+    """A failing preconditioner Cholesky (as K_mm of a smooth pooled kernel in float32 gave) is
+    retried with 100× the jitter: one warning, and the same solution, since only the
+    preconditioner changes; when every step fails, a one-line error names the remedies."""
+    from falkon.preconditioner import flk_preconditioner
+
+    X, Y, Xt = data
+    opt = solver_options(cg_tolerance=1e-14)
+    k, idx = make_kernel(opt), torch.arange(30)
+    c0, a0 = fit_kernel_machine(k, X, Y, idx, PENALTY, "falkon", maxiter=200, options=opt)
+    real, jitters = flk_preconditioner.potrf_wrapper, []
+
+    def failing_at_default_jitter(C, *args, **kwargs):
+        jitters.append(C.diagonal().clone())
+        if len(jitters) == 1:
+            raise RuntimeError("LAPACK potrf failed with status 7. Params: uplo L, rows 30")
+        return real(C, *args, **kwargs)
+
+    monkeypatch.setattr(flk_preconditioner, "potrf_wrapper", failing_at_default_jitter)
+    with pytest.warns(UserWarning, match=r"needed 100× its default jitter") as rec:
+        c1, a1 = fit_kernel_machine(k, X, Y, idx, PENALTY, "falkon", maxiter=200, options=opt)
+    assert len(rec) == 1 and torch.equal(c0, c1)
+    assert (jitters[1] - jitters[0]).min() > 0  # the retry added more to K_mm's diagonal
+    assert rel(kernel_predict(k, Xt, c1, a1), kernel_predict(k, Xt, c0, a0)) <= 1e-6
+
+    def always_failing(C, *args, **kwargs):
+        raise RuntimeError("LAPACK potrf failed with status 7")
+
+    monkeypatch.setattr(flk_preconditioner, "potrf_wrapper", always_failing)
+    with pytest.raises(RuntimeError, match=r"could not factorise K_mm .* use dtype='float64'") as err:
+        fit_kernel_machine(k, X, Y, idx, PENALTY, "falkon", options=opt)
+    assert "\n" not in str(err.value)
+
+
 def test_duplicated_centres_are_solved_with_jitter(data):
     """A singular K_mm (duplicated centres) spans the same functions as the unique centres."""
     X, Y, Xt = data
