@@ -116,7 +116,7 @@ class ConvMahalanobisKernel(_KernelBase):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.geometry = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
         self.pool_window = check_pool_window(pool_window)
-        self._partners = self.geometry.window_partners(pool_window) if pool_window > 1 else None
+        self._partners = self.geometry.window_partners(self.pool_window) if self.pool_window > 1 else None
         d = self.geometry.patch_dim
         self.base_kernel = kernel
         self.sigma = float(sigma)

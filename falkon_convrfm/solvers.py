@@ -222,6 +222,7 @@ def _options_block_memory(options, device: torch.device) -> float:
 
 
 def _is_cholesky_failure(exc: Exception) -> bool:
+    """Whether ``exc`` is a failed Cholesky factorisation (LAPACK/cuSOLVER potrf, torch's cholesky)."""
     text = str(exc).lower()
     return "potrf" in text or "cholesky" in text or "positive-definite" in text
 
