@@ -128,3 +128,43 @@ def spectrum_summary(M: torch.Tensor, top: int = 5) -> dict:
         "dc_share": (e @ M @ e).item() / max(tr, 1e-300),
         "trace": tr,
     }
+
+
+def patch_covariance(patches: torch.Tensor) -> torch.Tensor:
+    """Σ = (1/N) Σ_i (x_i − x̄)(x_i − x̄)ᵀ of patches (N, d), in float64."""
+    X = patches.reshape(-1, patches.shape[-1]).double()
+    X = X - X.mean(0)
+    return X.T @ X / max(X.shape[0], 1)
+
+
+def whitening_metric(cov: torch.Tensor, eps: float) -> torch.Tensor:
+    """M₀ = (Σ + ε·λ̄·I)⁻¹ scaled to tr(M₀) = d, with λ̄ = tr(Σ)/d: the patch-whitening metric
+    (‖u − v‖_{M₀} is the distance of ZCA-whitened patches); ε ≥ 0 is relative to the mean eigenvalue."""
+    if not eps >= 0:
+        raise ValueError(f"the whitening regulariser eps must be >= 0, got {eps!r}")
+    cov = cov.detach().to(device="cpu", dtype=torch.float64)
+    d = cov.shape[0]
+    evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+    evals = evals.clamp_min(0) + eps * evals.clamp_min(0).mean()
+    if not evals.min() > 0:
+        raise ValueError("the patch covariance is singular: whitening needs eps > 0")
+    return normalise_trace((evecs / evals) @ evecs.T, d)
+
+
+def refine_metric(factor: torch.Tensor, G_t: torch.Tensor, power: float = 0.5, shrinkage: float = 0.0) -> torch.Tensor:
+    """The update in the current metric's coordinates: with M = L Lᵀ and G̃ the AGOP taken with
+    respect to u = Lᵀx,  M' = L·[(1 − s)·r·G̃^p / tr(G̃^p) + s·I_r]·Lᵀ  (r = rank of L).
+
+    s = 1 keeps M; s = 0 replaces the metric in u-space by the AGOP's power. Starting from the
+    whitening metric this refines whitening instead of replacing it."""
+    r = factor.shape[1]
+    G_t = G_t.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(G_t).all():
+        raise ValueError("the AGOP G contains NaN or Inf")
+    inner = normalise_trace(psd_power(0.5 * (G_t + G_t.T), power), r)
+    if not inner.abs().max() > 0:
+        raise ValueError("the metric update gives M = 0: the AGOP is zero (the fitted predictor is constant)")
+    inner = (1 - shrinkage) * inner + shrinkage * torch.eye(r, dtype=torch.float64)
+    L = factor.detach().to(device="cpu", dtype=torch.float64)
+    M = L @ inner @ L.T
+    return 0.5 * (M + M.T)

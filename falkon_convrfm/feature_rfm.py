@@ -1,0 +1,318 @@
+r"""PatchFeatureRFM: the recursive feature machine on explicit pooled patch features.
+
+One iteration: encode every image as pooled Nyström patch features Φ_M
+(:class:`~falkon_convrfm.features.PatchFeatureMap`, metric M = L Lᵀ), fit a linear ridge head
+on them (the penalty chosen on the validation split), take the patch AGOP G̃ of the fitted
+predictor in the metric's coordinates and refine the metric, M ← L·[(1 − s)·G̃^p/… + s·I]·Lᵀ
+(:func:`~falkon_convrfm.metric.refine_metric`). The starting metric is the patch-whitening
+metric M₀ = (Σ + ε·λ̄·I)⁻¹ by default; the iterate with the best validation score is kept.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._compat import resolve_device
+from .base_kernels import BASE_KERNELS
+from .estimator import RFMEstimator, data_fingerprint
+from .features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
+from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
+from .patches import PatchGeometry
+from .rfm import evaluate
+from .validation import (check_base_kernel, check_bool, check_choice, check_random_state, check_sigma, make_preprocessor,
+                         number_in, positive_int, positive_number, resolve_dtype)
+
+CHECKPOINT_NAME = "patch_feature_rfm_checkpoint.pt"
+# Training images whose patches give the covariance, the atoms and the median distance.
+DATA_IMAGES = 2000
+# Patches measured for the median patch-to-atom distance.
+MEDIAN_PATCHES = 4000
+METRICS = ("whiten", "identity", "dc")
+AUGMENTS = (None, "flip")
+
+
+def check_pooling(pooling):
+    """An int g ≥ 1 (a g×g grid) or a pair (window, stride) with 1 ≤ stride ≤ window."""
+    if isinstance(pooling, (list, tuple)):
+        if len(pooling) != 2:
+            raise ValueError(f"pooling must be an int g (g×g regions) or (window, stride), got {pooling!r}")
+        window = positive_int("pooling window", pooling[0])
+        stride = positive_int("pooling stride", pooling[1])
+        if stride > window:
+            raise ValueError(f"pooling stride {stride} is larger than the window {window} (locations would be skipped)")
+        return (window, stride)
+    return positive_int("pooling", pooling)
+
+
+def flip_rows(rows: torch.Tensor, image_shape) -> torch.Tensor:
+    """Images (rows) mirrored left–right."""
+    return rows.reshape(-1, *image_shape).flip(-1).reshape(rows.shape[0], -1)
+
+
+class PatchFeatureRFM(RFMEstimator):
+    """Recursive feature machine on explicit whitened, pooled patch features (linear ridge head).
+
+    Parameters
+    ----------
+    image_shape : tuple or None, default None
+        (c, H, W); needed only when ``fit`` gets flat rows.
+    patch_size : int, default 6
+    stride, padding : int, default 1, 0
+        Patch geometry.
+    n_atoms : int, default 1024
+        Dictionary size k: random training patches.
+    pooling : int or (int, int), default 2
+        g×g grid of average-pooled regions (2 = quadrants), or (window, stride) average pooling.
+    kernel : str, default "laplace"
+        Base patch kernel κ (``"laplace"``, ``"gaussian"``, ``"ntk"``).
+    sigma : float or "median", default "median"
+        Bandwidth; ``"median"``: the median patch-to-atom distance in the current metric,
+        re-measured at every iteration.
+    metric : str, default "whiten"
+        Starting metric: ``"whiten"`` (M₀ = (Σ + ε·λ̄·I)⁻¹, Σ the training patches' covariance,
+        λ̄ its mean eigenvalue), ``"identity"`` or ``"dc"`` (the DC-0.2 fixed metric).
+    whiten_eps : float, default 0.1
+        ε of the whitening metric, relative to λ̄.
+    iterations : int, default 1
+        Metric updates T (T + 1 fits).
+    agop_power : float, default 0.5
+        p of the update.
+    shrinkage : float, default 0.0
+        s of the update: the weight kept on the current metric.
+    agop_samples : int, default 1000
+        Training images the AGOP is estimated on.
+    penalty : float, default 1e-3
+        Ridge λ relative to the mean feature variance (× n).
+    penalty_grid : tuple of float, default (0.1, 1.0, 10.0)
+        Factors of ``penalty`` tried; the best on the validation split is kept.
+    augment : None or "flip", default None
+        "flip" adds the left–right mirror of every training image (validation stays as given).
+    task, validation_fraction, preprocess, dtype, device, max_memory, random_state,
+    checkpoint_dir, channels_last, progress
+        As in :class:`~falkon_convrfm.ConvRFM`.
+
+    Attributes
+    ----------
+    M_ : the kept metric.  feature_map_ : its :class:`PatchFeatureMap`.  coef_, intercept_ : the head.
+    atoms_, sigma_, penalty_, best_iteration_, history_, metrics_, classes_, image_shape_, task_, seed_.
+    """
+
+    def __init__(
+        self,
+        image_shape=None,
+        patch_size=6,
+        stride=1,
+        padding=0,
+        n_atoms=1024,
+        pooling=2,
+        kernel="laplace",
+        sigma="median",
+        metric="whiten",
+        whiten_eps=0.1,
+        iterations=1,
+        agop_power=0.5,
+        shrinkage=0.0,
+        agop_samples=1000,
+        penalty=1e-3,
+        penalty_grid=(0.1, 1.0, 10.0),
+        augment=None,
+        task="auto",
+        validation_fraction=0.1,
+        preprocess="standardize",
+        dtype="float32",
+        device="cpu",
+        max_memory=None,
+        random_state=None,
+        checkpoint_dir=None,
+        channels_last="auto",
+        progress=True,
+    ):
+        self.image_shape = image_shape
+        self.patch_size = patch_size
+        self.stride = stride
+        self.padding = padding
+        self.n_atoms = n_atoms
+        self.pooling = pooling
+        self.kernel = kernel
+        self.sigma = sigma
+        self.metric = metric
+        self.whiten_eps = whiten_eps
+        self.iterations = iterations
+        self.agop_power = agop_power
+        self.shrinkage = shrinkage
+        self.agop_samples = agop_samples
+        self.penalty = penalty
+        self.penalty_grid = penalty_grid
+        self.augment = augment
+        self.task = task
+        self.validation_fraction = validation_fraction
+        self.preprocess = preprocess
+        self.dtype = dtype
+        self.device = device
+        self.max_memory = max_memory
+        self.random_state = random_state
+        self.checkpoint_dir = checkpoint_dir
+        self.channels_last = channels_last
+        self.progress = progress
+
+    _FITTED = ("M_", "atoms_", "coef_", "intercept_", "sigma_", "penalty_", "history_", "metrics_", "preprocessor_",
+               "best_iteration_", "classes_", "image_shape_", "task_", "seed_")
+    _CHECKPOINT = CHECKPOINT_NAME
+
+    # ------------------------------------------------------------------ parameters
+    def _check_params(self):
+        if self.image_shape is not None and (
+            not isinstance(self.image_shape, (tuple, list)) or len(self.image_shape) != 3
+        ):
+            raise ValueError(f"image_shape must be None or (c, H, W), got {self.image_shape!r}")
+        positive_int("patch_size", self.patch_size)
+        positive_int("stride", self.stride)
+        positive_int("padding", self.padding, minimum=0)
+        positive_int("n_atoms", self.n_atoms)
+        check_pooling(self.pooling)
+        check_base_kernel(self.kernel)
+        check_sigma(self.sigma, allow=("median",))
+        check_choice("metric", self.metric, METRICS)
+        number_in("whiten_eps", self.whiten_eps, 0, math.inf)
+        positive_int("iterations", self.iterations, minimum=0)
+        positive_number("agop_power", self.agop_power)
+        number_in("shrinkage", self.shrinkage, 0, 1)
+        positive_int("agop_samples", self.agop_samples)
+        positive_number("penalty", self.penalty)
+        if isinstance(self.penalty_grid, (str, bytes)) or not hasattr(self.penalty_grid, "__len__") \
+                or len(self.penalty_grid) == 0:
+            raise ValueError(f"penalty_grid must be a non-empty sequence of positive factors, got {self.penalty_grid!r}")
+        for i, factor in enumerate(self.penalty_grid):
+            positive_number(f"penalty_grid[{i}]", factor)
+        check_choice("augment", self.augment, AUGMENTS)
+        check_choice("task", self.task, ("auto", "classification", "regression"))
+        number_in("validation_fraction", self.validation_fraction, 0, 1, high_open=True)
+        make_preprocessor(self.preprocess)
+        resolve_dtype(self.dtype)
+        resolve_device(self.device)
+        if self.max_memory is not None:
+            positive_number("max_memory", self.max_memory)
+        check_random_state(self.random_state)
+        check_choice("channels_last", self.channels_last, ("auto", True, False))
+        check_bool("progress", self.progress)
+
+    # ------------------------------------------------------------------ building blocks
+    def _geometry(self, image_shape) -> PatchGeometry:
+        return PatchGeometry(image_shape, self.patch_size, self.stride, self.padding)
+
+    def _check_image_shape(self, image_shape):
+        geometry = self._geometry(image_shape)
+        pooling_matrix(geometry.out_shape, check_pooling(self.pooling))
+
+    def _start_metric(self, patches: torch.Tensor) -> torch.Tensor:
+        d = patches.shape[-1]
+        if self.metric == "whiten":
+            return whitening_metric(patch_covariance(patches), self.whiten_eps)
+        return fixed_metric(d, 0.2 if self.metric == "dc" else None)
+
+    def _feature_map(self, M, atoms, sigma, image_shape) -> PatchFeatureMap:
+        geometry = self._geometry(image_shape)
+        dtype = atoms.dtype
+        pool = pooling_matrix(geometry.out_shape, check_pooling(self.pooling)).to(atoms.device, dtype)
+        return PatchFeatureMap(geometry, metric_factor(M).to(atoms.device, dtype), atoms, BASE_KERNELS[self.kernel],
+                               sigma, pool)
+
+    def _bandwidth(self, M, atoms, patches) -> float:
+        if self.sigma != "median":
+            return float(self.sigma)
+        L = metric_factor(M).to(atoms.device, atoms.dtype)
+        return median_atom_distance(patches[:MEDIAN_PATCHES] @ L, atoms @ L)
+
+    def _memory(self) -> float:
+        return 2**30 if self.max_memory is None else float(self.max_memory)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Fit on images X and labels or targets y; validation data as in :class:`ConvRFM`. Returns self."""
+        self._check_params()
+        store = self._store()
+        seed = self._fit_seed(store)
+        data = self._prepare(X, y, X_val, y_val, seed)
+        Xtr, Ytr, Xval, Yval, image_shape, gen = (data.Xtr, data.Ytr, data.Xval, data.Yval, data.image_shape,
+                                                 data.generator)
+        n = Xtr.shape[0]
+        geometry = self._geometry(image_shape)
+        sample = Xtr[torch.randperm(n, generator=gen)[:DATA_IMAGES].to(Xtr.device)]
+        patches = geometry.patches(sample).reshape(-1, geometry.patch_dim)
+        patches = patches[torch.randperm(patches.shape[0], generator=gen).to(Xtr.device)]
+        self.atoms_ = patches[: self.n_atoms].clone()
+        if self.n_atoms > patches.shape[0]:
+            raise ValueError(f"n_atoms={self.n_atoms} is more than the {patches.shape[0]} training patches sampled")
+        agop_idx = torch.randperm(n, generator=gen)[: min(self.agop_samples, n)].sort().values.to(Xtr.device)
+        if self.augment == "flip":
+            Xtr, Ytr = torch.cat([Xtr, flip_rows(Xtr, image_shape)]), torch.cat([Ytr, Ytr])
+        fingerprint, params = data_fingerprint(Xtr, Ytr, Xval), self._checkpoint_params()
+        state = store.load(fingerprint, params)
+        if state is not None:
+            start, M, best = state["next"], state["M"], state["best"]
+            self.history_, self.metrics_ = state["history"], state["metrics"]
+        else:
+            start, M, best, self.history_, self.metrics_ = 0, self._start_metric(patches), None, [], []
+        key = "accuracy" if self.task_ == "classification" else "r2"
+        budget = self._memory()
+        bar = tqdm(range(start, self.iterations + 1), desc="PatchFeatureRFM", disable=not self.progress,
+                   initial=start, total=self.iterations + 1)
+        for t in bar:
+            record = {"iteration": t}
+            tic = time.perf_counter()
+            sigma = self._bandwidth(M, self.atoms_, patches)
+            fmap = self._feature_map(M, self.atoms_, sigma, image_shape)
+            F, Fval = fmap.transform(Xtr, budget, self.progress), fmap.transform(Xval, budget, self.progress)
+            record.update(sigma=sigma, features=fmap.num_features, time_encode=time.perf_counter() - tic)
+            tic = time.perf_counter()
+            stats = RidgeStatistics.of(F, Ytr)
+            fits = []
+            for penalty in (self.penalty * f for f in self.penalty_grid):
+                W, b = stats.solve(penalty)
+                scores = Fval.double() @ W + b
+                fits.append((evaluate(self.task_, scores, Yval)[key] if Xval.shape[0] else -np.inf, penalty, W, b))
+            val_score, penalty, W, b = max(fits, key=lambda f: f[0])
+            record["penalty"] = penalty
+            record.update({"train_" + k: v for k, v in evaluate(self.task_, F[agop_idx].double() @ W + b, Ytr[agop_idx]).items()})
+            if Xval.shape[0]:
+                record["val_" + key] = val_score
+            record["time_solve"] = time.perf_counter() - tic
+            record["spectrum"] = spectrum_summary(M)
+            self.metrics_.append(M)
+            score = val_score if Xval.shape[0] else t
+            if best is None or score > best["score"]:
+                best = {"score": score, "iteration": t, "M": M, "sigma": sigma, "penalty": penalty,
+                        "coef": W.to(F.dtype), "intercept": b.to(F.dtype)}
+            if t < self.iterations:
+                tic = time.perf_counter()
+                G = fmap.transformed_agop(Xtr[agop_idx], W.to(F.dtype), budget)
+                M = refine_metric(fmap.factor, G, self.agop_power, self.shrinkage)
+                record["time_agop"] = time.perf_counter() - tic
+            self.history_.append(record)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.startswith("val_")})
+            store.save(fingerprint, params, seed, {"next": t + 1, "M": M, "best": best, "history": self.history_,
+                                                    "metrics": self.metrics_})
+        self.best_iteration_, self.M_, self.sigma_, self.penalty_ = best["iteration"], best["M"], best["sigma"], best["penalty"]
+        self.coef_, self.intercept_ = best["coef"], best["intercept"]
+        self._restore()
+        return self
+
+    # ------------------------------------------------------------------ fitted model
+    def _device(self) -> torch.device:
+        return self.coef_.device
+
+    def _scores(self, rows: torch.Tensor) -> torch.Tensor:
+        """f(rows) = Φ(rows) W + b (n, C)."""
+        F = self.feature_map_.transform(rows.to(self.atoms_.dtype), self._memory())
+        return F @ self.coef_ + self.intercept_
+
+    def _to_device(self, device: torch.device) -> None:
+        self.atoms_, self.coef_, self.intercept_ = (t.to(device) for t in (self.atoms_, self.coef_, self.intercept_))
+        self._restore()
+
+    def _restore(self) -> None:
+        self.feature_map_ = self._feature_map(self.M_, self.atoms_, self.sigma_, self.image_shape_)

@@ -1,0 +1,209 @@
+r"""Explicit pooled patch features: the Nyström form of the pooled convolutional patch kernel.
+
+With a dictionary of k atoms a_1 … a_k (patches) and the patch metric M = L Lᵀ, every patch gets the
+features ψ(x_p) = κ(Lᵀx_p, LᵀA) K_AA^{-1/2} ∈ R^k (κ one of :mod:`falkon_convrfm.base_kernels`), and
+an image the average of them over each pooling region R_r of the patch grid:
+
+.. math::  Φ_r(x) = Σ_p Π_{rp}\, ψ(x_p) = \Big(Σ_p Π_{rp}\, κ(Lᵀx_p, LᵀA)\Big) K_AA^{-1/2}
+
+(pool the kernel values first, project after). Then
+⟨Φ(x), Φ(z)⟩ = Σ_r Σ_{p,p'} Π_{rp} Π_{rp'} κ̂(x_p, z_{p'}) with κ̂ the Nyström approximation of κ,
+exact when every patch of x and z is an atom: the explicit form of the implicit pooled kernel of
+:class:`~falkon_convrfm.kernel.ConvMahalanobisKernel`, at a cost linear in the pooling region.
+
+The predictor f(x) = Σ_r Φ_r(x) W_r + b is linear in the features, so its patch gradient is
+
+.. math::  ∇_{x_p} f_o(x) = L\, Σ_j β_{pjo}\, ∇_u κ(u, Lᵀa_j)\big|_{u = Lᵀx_p},
+           \qquad β_p = Σ_r Π_{rp}\, K_AA^{-1/2} W_r \ (k × C)
+
+and the patch AGOP in the metric's coordinates, G̃ = (1/n) Σ_{i,p,o} g̃ g̃ᵀ with ∇ = L g̃, is what
+:func:`falkon_convrfm.metric.refine_metric` turns into the next metric (G = L G̃ Lᵀ in pixel space).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ._compile import compiled_fn, use_compiled
+from .patches import PatchGeometry
+
+
+# Encoding chunks above this size run slower on CPU (allocation and cache misses), docs/performance.md.
+CHUNK_BYTES = 2**25
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+def pooling_matrix(out_shape: tuple, pooling) -> torch.Tensor:
+    """Π (R, P) float64: average pooling of the (Ho, Wo) patch grid (row-major locations).
+
+    ``pooling`` is an int g (a g×g grid of near-equal regions: 1 = global average, 2 = quadrants,
+    boundaries as :func:`numpy.array_split`) or a pair (window, stride) (square windows, no
+    padding, as ``avg_pool2d``). Each row of Π averages its region: entries 1/|R_r|."""
+    ho, wo = out_shape
+    if isinstance(pooling, int):
+        rows = [_split(ho, pooling), _split(wo, pooling)]
+    else:
+        window, stride = pooling
+        if window > min(ho, wo):
+            raise ValueError(f"pooling window {window} is wider than the {ho}×{wo} grid of patch locations")
+        rows = [[(s, s + window) for s in range(0, n - window + 1, stride)] for n in (ho, wo)]
+    regions = []
+    for a0, a1 in rows[0]:
+        for b0, b1 in rows[1]:
+            mask = torch.zeros(ho, wo, dtype=torch.float64)
+            mask[a0:a1, b0:b1] = 1.0
+            regions.append(mask.flatten() / mask.sum())
+    return torch.stack(regions)
+
+
+def _split(n: int, parts: int) -> list:
+    if parts > n:
+        raise ValueError(f"a {parts}×{parts} pooling grid needs at least {parts} patch locations per side, got {n}")
+    bounds = [(n // parts) * i + min(i, n % parts) for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# ---------------------------------------------------------------------------------------------- kernel values
+def atom_kernel(U: torch.Tensor, A: torch.Tensor, base, sigma: float) -> torch.Tensor:
+    """κ(U[..., i, :], A[j]) for transformed patches U (b, N, r) and atoms A (k, r): (b, N, k),
+    one GEMM per batch in the base kernel's GEMM form."""
+    form = base.gemm_form(sigma)
+    b, n, r = U.shape
+    Ab = A.unsqueeze(0)
+    centre = form.context(Ab)
+    left = U.new_empty(b, n, r + form.extra_columns)
+    right = A.new_empty(1, A.shape[0], r + form.extra_columns)
+    row_aux = form.write(U, centre, left, right=False)
+    col_aux = form.write(Ab, centre, right, right=True)
+    E = torch.matmul(left, right.transpose(1, 2))
+    if row_aux is not None:
+        col_aux = col_aux.expand(b, -1)
+    gemm_map = compiled_fn(base.gemm_map) if use_compiled(E.numel()) else base.gemm_map
+    return gemm_map(E, row_aux, col_aux)
+
+
+def inverse_sqrt(K: torch.Tensor, rcond: float = 1e-6) -> torch.Tensor:
+    """K^{-1/2} (pseudo-inverse square root) of a PSD matrix, eigenvalues below rcond·λ_max dropped."""
+    evals, evecs = torch.linalg.eigh(K.double())
+    keep = evals > rcond * evals[-1].clamp_min(0)
+    V = evecs[:, keep]
+    return ((V * evals[keep].rsqrt()) @ V.T).to(K.dtype)
+
+
+def median_atom_distance(U: torch.Tensor, A: torch.Tensor) -> float:
+    """Median distance ‖u − a‖ between transformed patches U (N, r) and atoms A (k, r)."""
+    return torch.cdist(U.double(), A.double()).median().item()
+
+
+# ---------------------------------------------------------------------------------------------- the feature map
+@dataclasses.dataclass
+class PatchFeatureMap:
+    """Φ: images (rows of c·H·W) → pooled Nyström patch features (R·k), for one metric factor L.
+
+    ``atoms`` (k, d) are patches in pixel space; ``factor`` L (d, r); ``pool`` Π (R, P)."""
+
+    geometry: PatchGeometry
+    factor: torch.Tensor
+    atoms: torch.Tensor
+    base: object
+    sigma: float
+    pool: torch.Tensor
+    rcond: float = 1e-6
+
+    def __post_init__(self):
+        self.atoms_t = self.atoms @ self.factor  # LᵀA, (k, r)
+        K = atom_kernel(self.atoms_t.unsqueeze(0), self.atoms_t, self.base, self.sigma)[0]
+        self.projector = inverse_sqrt(K, self.rcond)  # K_AA^{-1/2}
+
+    @property
+    def num_features(self) -> int:
+        return self.pool.shape[0] * self.atoms.shape[0]
+
+    def rows_per_chunk(self, max_mem: float) -> int:
+        """Rows whose kernel values (P·k) and pooled features fit in ``max_mem`` bytes (×3 for
+        temporaries), and in CHUNK_BYTES (cache-sized chunks are faster than large ones)."""
+        P, k = self.geometry.num_locations, self.atoms.shape[0]
+        per_row = 3 * (P * (k + self.factor.shape[1] + 2) + self.num_features) * self.atoms.element_size()
+        return int(max(1, min(max_mem, CHUNK_BYTES) // per_row))
+
+    def pooled_kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        """Σ_p Π_rp κ(Lᵀx_p, LᵀA): (n, R, k)."""
+        U = self.geometry.transformed_patches(rows, self.factor).transpose(0, 1)  # (n, P, r)
+        Kx = atom_kernel(U, self.atoms_t, self.base, self.sigma)  # (n, P, k)
+        return torch.matmul(self.pool.to(Kx.dtype), Kx)
+
+    def transform(self, rows: torch.Tensor, max_mem: float = 2**30, progress: bool = False) -> torch.Tensor:
+        """Φ(rows): (n, R·k), computed in row chunks within ``max_mem`` bytes."""
+        step = self.rows_per_chunk(max_mem)
+        out = rows.new_empty(rows.shape[0], self.num_features)
+        with tqdm(total=rows.shape[0], desc="patch features", unit="img", disable=not progress) as bar:
+            for i in range(0, rows.shape[0], step):
+                pooled = self.pooled_kernel(rows[i : i + step])
+                out[i : i + step] = torch.matmul(pooled, self.projector).reshape(pooled.shape[0], -1)
+                bar.update(pooled.shape[0])
+        return out
+
+    def location_coefficients(self, weights: torch.Tensor) -> torch.Tensor:
+        """β (P, k, C) = Σ_r Π_rp K_AA^{-1/2} W_r, for linear weights W (R·k, C) on Φ."""
+        R, k = self.pool.shape[0], self.atoms.shape[0]
+        W = torch.matmul(self.projector, weights.reshape(R, k, -1).to(self.projector.dtype))  # (R, k, C)
+        return torch.einsum("rp,rkc->pkc", self.pool.to(W.dtype), W)
+
+    def transformed_agop(self, rows: torch.Tensor, weights: torch.Tensor, max_mem: float = 2**30) -> torch.Tensor:
+        """G̃ (r, r) float64: (1/n) Σ_{i,p,o} g̃ g̃ᵀ with g̃ = Σ_j β_pjo ∇_u κ(u, Lᵀa_j) at u = Lᵀx_{i,p}
+        (the patch AGOP of Φ(x)·W in the metric's coordinates; pixel-space AGOP = L G̃ Lᵀ)."""
+        beta = self.location_coefficients(weights).to(rows.dtype)  # (P, k, C)
+        P, k, C = beta.shape
+        r = self.factor.shape[1]
+        per_pair = (3 * k + 3 * C * r) * rows.element_size()
+        locs = int(max(1, min(P, max_mem // (per_pair * max(rows.shape[0], 1) + k * C * r * rows.element_size()))))
+        G = torch.zeros(r, r, dtype=torch.float64, device=rows.device)
+        U = self.geometry.transformed_patches(rows, self.factor)  # (P, n, r)
+        for p0 in range(0, P, locs):
+            Up = U[p0 : p0 + locs].contiguous()
+            Ap = self.atoms_t.unsqueeze(0).expand(Up.shape[0], -1, -1)
+            Ut, At, Q, S = self.base.gradient_weights(Up, Ap, self.sigma)
+            b = beta[p0 : p0 + locs]
+            weighted = (b.unsqueeze(-1) * At.unsqueeze(2)).reshape(b.shape[0], k, C * r)
+            g = torch.bmm(Q, weighted).view(b.shape[0], -1, C, r)
+            coef = torch.bmm(S if S is not None else -Q, b)  # (p, n, C)
+            g.add_(coef.unsqueeze(3) * Ut.unsqueeze(2))
+            g = g.reshape(-1, r)
+            G += (g.T @ g).double()
+        return G / rows.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- linear head
+@dataclasses.dataclass
+class RidgeStatistics:
+    """Centred normal equations of ridge regression on features F (n, D) and targets Y (n, C):
+    Fc = F − F̄, gram = Fcᵀ Fc, cross = Fcᵀ (Y − Ȳ), in float64."""
+
+    mean: torch.Tensor
+    target_mean: torch.Tensor
+    gram: torch.Tensor
+    cross: torch.Tensor
+
+    @classmethod
+    def of(cls, F: torch.Tensor, Y: torch.Tensor, rows_per_chunk: int = 4096) -> "RidgeStatistics":
+        mean = F.double().mean(0)
+        target_mean = Y.double().mean(0)
+        gram = torch.zeros(F.shape[1], F.shape[1], dtype=torch.float64, device=F.device)
+        cross = torch.zeros(F.shape[1], Y.shape[1], dtype=torch.float64, device=F.device)
+        for i in range(0, F.shape[0], rows_per_chunk):
+            Fc = F[i : i + rows_per_chunk] - mean.to(F.dtype)
+            gram += (Fc.T @ Fc).double()
+            cross += Fc.T.double() @ (Y[i : i + rows_per_chunk].double() - target_mean)
+        return cls(mean, target_mean, gram, cross)
+
+    def solve(self, penalty: float):
+        """(W, b) minimising ‖Fc W − Yc‖² + λ·(tr(gram)/D)·‖W‖²: λ is relative to the mean
+        feature variance times n, so one grid serves every feature scale."""
+        D = self.gram.shape[0]
+        ridge = penalty * torch.trace(self.gram) / D
+        A = self.gram + ridge * torch.eye(D, dtype=self.gram.dtype, device=self.gram.device)
+        W = torch.linalg.solve(A, self.cross)
+        return W, self.target_mean - self.mean @ W
