@@ -22,6 +22,7 @@ from .estimator import RFMEstimator, data_fingerprint
 from .features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
 from .patches import PatchGeometry
+from .presets import preset_params
 from .rfm import evaluate
 from .validation import (check_base_kernel, check_bool, check_choice, check_random_state, check_sigma, make_preprocessor,
                          number_in, positive_int, positive_number, resolve_dtype)
@@ -162,6 +163,12 @@ class PatchFeatureRFM(RFMEstimator):
     _FITTED = ("M_", "atoms_", "coef_", "intercept_", "sigma_", "penalty_", "history_", "metrics_", "preprocessor_",
                "best_iteration_", "classes_", "image_shape_", "task_", "seed_")
     _CHECKPOINT = CHECKPOINT_NAME
+
+    @classmethod
+    def preset(cls, name: str, device: str = "cpu", **overrides) -> "PatchFeatureRFM":
+        """The estimator with preset ``name``'s parameters for ``device``
+        (:data:`~falkon_convrfm.presets.PRESETS`), ``overrides`` replacing any of them."""
+        return cls(**{**preset_params(name, device), **overrides})
 
     # ------------------------------------------------------------------ parameters
     def _check_params(self):
