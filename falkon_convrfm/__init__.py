@@ -19,15 +19,15 @@ from .datasets import (
     make_local_signal,
 )
 from .deep import DeepConvRFM, DeepRFM, LayerSpec
-from .estimator import load_model
 from .kernel import ConvMahalanobisKernel, median_patch_distance
+from .inputs import channels_last_layout, image_rows, resolve_task, train_val_split
 from .metric import as_metric, fixed_metric, metric_factor, normalise_trace, psd_power, update_metric
 from .patches import PatchGeometry
 from .planning import format_plan, plan_memory
-from .preprocessing import Preprocessor, train_val_split, zca_whitening
+from .models import load_model
+from .preprocessing import Preprocessor, zca_whitening
 from .rfm import ConvRFM
 from .solvers import choose_solver, exact_ridge_fit, fit_kernel_machine, kernel_predict, nystrom_ridge_fit
-from .validation import channels_last_layout, image_rows, resolve_task
 from .viz import plot_filters, plot_history, plot_location_map
 
 __version__ = "0.1.0"

@@ -28,7 +28,8 @@ from .deep import DeepConvRFM, LayerSpec
 from .estimator import param_default
 from .rfm import ConvRFM
 from .solvers import SOLVERS
-from .validation import DTYPES, PREPROCESSING, check_sigma, positive_int, positive_number
+from .preprocessing import PREPROCESSING
+from .validation import DTYPES, check_sigma, positive_int, positive_number
 
 PROG = "convrfm"
 BUILTIN_DATASETS = ("digits", "local-signal")  # no --data
@@ -256,7 +257,7 @@ def _numpy(a) -> np.ndarray:
 # ---------------------------------------------------------------------------- model files
 def load_model(path):
     """Any model written by ``convrfm fit`` (read with ``weights_only=True``: nothing in the file runs)."""
-    from .estimator import load_model as load
+    from .models import load_model as load
 
     return load(_existing_file(path, "--model"))
 

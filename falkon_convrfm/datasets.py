@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .inputs import guess_channels_last, pixels_as_float
 from .validation import positive_int
 
 __all__ = [
@@ -99,8 +100,7 @@ def _to_images(array: np.ndarray, dtype: torch.dtype, path: Path) -> torch.Tenso
         raise ValueError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
         raise ValueError(f"{path}: images must hold integers or floats, got dtype {array.dtype}")
-    x = torch.from_numpy(np.require(array, requirements=("C", "W"))).to(dtype)
-    return x.div_(255) if array.dtype == np.uint8 else x
+    return pixels_as_float(torch.from_numpy(np.require(array, requirements=("C", "W"))), dtype)
 
 
 def _to_labels(labels, n: int, path: Path, num_classes: int | None = None, first: int = 0) -> torch.Tensor:
@@ -323,24 +323,21 @@ def _read_npz(path: Path) -> dict:
 def _channel_axis_first(images: np.ndarray, layout: str, path: Path) -> np.ndarray:
     """(N, H, W) grey, (N, H, W, C) or (N, C, H, W) → (N, C, H, W) (a view).
 
-    ``layout="auto"``: HWC when the last axis has size 1, 3 or 4 and the second is larger,
-    CHW when the second axis has size 1, 3 or 4, otherwise an error asking for ``layout``.
+    ``layout="auto"``: the estimators' rule, :func:`~falkon_convrfm.inputs.guess_channels_last`;
+    an ambiguous shape is an error asking for ``layout``.
     """
     if images.ndim == 3:
         return images[:, None]
     if images.ndim != 4:
         raise ValueError(f"{path}: 'images' must be (N, H, W), (N, H, W, C) or (N, C, H, W), got {images.shape}")
     if layout == "auto":
-        last, second = images.shape[3], images.shape[1]
-        if last in (1, 3, 4) and second > last:
-            layout = "hwc"
-        elif second in (1, 3, 4):
-            layout = "chw"
-        else:
+        channels_last = guess_channels_last(images.shape)
+        if channels_last is None:
             raise ValueError(
                 f"{path}: cannot tell the channel axis of images {images.shape}; pass load_npz(..., "
                 "layout='hwc') for (N, H, W, C) or layout='chw' for (N, C, H, W) (on the command line: --layout)"
             )
+        layout = "hwc" if channels_last else "chw"
     return images.transpose(0, 3, 1, 2) if layout == "hwc" else images
 
 
@@ -348,9 +345,9 @@ def load_npz(path, layout: str = "auto", dtype=torch.float32) -> ImageDataset:
     """An .npz with ``images`` and ``labels`` (and optionally ``classes``, the class names).
 
     ``images``: (N, H, W) grey, (N, H, W, C) ("hwc") or (N, C, H, W) ("chw"); ``layout="auto"``
-    takes HWC when the last axis has size 1, 3 or 4 and the second axis is larger, CHW when the
-    second axis has size 1, 3 or 4 (so float (N, 32, 32, 3) images are read as HWC), and
-    otherwise asks for ``layout``. uint8 images are scaled to [0, 1]. ``labels`` are integer
+    reads the layout as the estimators do (:func:`~falkon_convrfm.inputs.guess_channels_last`:
+    HWC when the last axis has size 1, 3 or 4 and the others not, with H, W > 4; CHW when the last
+    axis has no channel count) and asks for ``layout`` when the shape is ambiguous. uint8 images are scaled to [0, 1]. ``labels`` are integer
     class indices; with ``classes`` (1-d, names as str or bytes) they must index it.
     """
     if layout not in ("auto", "hwc", "chw"):

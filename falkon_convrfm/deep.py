@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .estimator import RFMEstimator, data_fingerprint, param_default, plain_dataclass
+from .estimator import RFMEstimator, param_default
 from .memory import peak_rss
 from .metric import psd_power
 from .patches import PatchGeometry
+from .persistence import data_fingerprint, plain_dataclass
 from .rfm import ConvRFM
 from .validation import as_tensor, check_choice, positive_int
 

@@ -18,13 +18,15 @@ from tqdm.auto import tqdm
 
 from ._compat import resolve_device
 from .base_kernels import BASE_KERNELS
-from .estimator import RFMEstimator, data_fingerprint
+from .estimator import RFMEstimator
 from .features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
 from .patches import PatchGeometry
+from .persistence import data_fingerprint
 from .presets import preset_params
 from .rfm import evaluate
-from .validation import (check_base_kernel, check_bool, check_choice, check_random_state, check_sigma, make_preprocessor,
+from .preprocessing import make_preprocessor
+from .validation import (check_base_kernel, check_bool, check_choice, check_random_state, check_sigma,
                          number_in, positive_int, positive_number, resolve_dtype)
 
 CHECKPOINT_NAME = "patch_feature_rfm_checkpoint.pt"

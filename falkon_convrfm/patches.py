@@ -6,11 +6,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+from .validation import positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +26,11 @@ class PatchGeometry:
         shape = tuple(self.image_shape)
         if len(shape) != 3:
             raise ValueError(f"image_shape must be (channels, height, width), got {self.image_shape!r}")
-        shape = tuple(_positive_int(n, v) for n, v in zip(("channels", "height", "width"), shape))
+        shape = tuple(positive_int(n, v) for n, v in zip(("channels", "height", "width"), shape))
         object.__setattr__(self, "image_shape", shape)
-        object.__setattr__(self, "patch_size", _positive_int("patch_size", self.patch_size))
-        object.__setattr__(self, "stride", _positive_int("stride", self.stride))
-        object.__setattr__(self, "padding", _positive_int("padding", self.padding, minimum=0))
+        object.__setattr__(self, "patch_size", positive_int("patch_size", self.patch_size))
+        object.__setattr__(self, "stride", positive_int("stride", self.stride))
+        object.__setattr__(self, "padding", positive_int("padding", self.padding, minimum=0))
         _, h, w = shape
         q, pad = self.patch_size, self.padding
         if q > h + 2 * pad or q > w + 2 * pad:

@@ -1,4 +1,4 @@
-r"""Train-fitted image preprocessing (scale, per-channel standardisation, ZCA) and the train/validation split.
+r"""Train-fitted image preprocessing (scale, per-channel standardisation, ZCA) and the estimators' factory of it.
 
 Statistics are computed on the training images only and reused, unchanged, on validation and
 test images; :meth:`Preprocessor.state_dict` holds only tensors and plain Python data, so a
@@ -6,14 +6,15 @@ fitted preprocessor is saved and restored with ``torch.save`` / ``torch.load(wei
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 
-from .validation import positive_int, positive_number
+from .inputs import pixels_as_float
+from .validation import check_choice, positive_int, positive_number
 
-__all__ = ["Preprocessor", "train_val_split", "zca_whitening"]
+__all__ = ["Preprocessor", "make_preprocessor", "preprocess_rows", "zca_whitening"]
+
+PREPROCESSING = (None, "standardize", "zca")
 
 
 def zca_whitening(x: torch.Tensor, eps: float, rows_per_chunk: int = 4096):
@@ -66,7 +67,7 @@ class Preprocessor:
             raise ValueError(f"images must be (n, c, H, W), got shape {tuple(x.shape)}")
         if x.is_floating_point():
             return x
-        return x / 255 if self.scale and x.dtype == torch.uint8 else x.to(torch.float32)
+        return pixels_as_float(x, torch.float32) if self.scale else x.to(torch.float32)
 
     def _standardized(self, x: torch.Tensor) -> torch.Tensor:
         view = (1, -1, 1, 1)
@@ -139,72 +140,18 @@ class Preprocessor:
         return pre
 
 
-# ---------------------------------------------------------------------------- splits
-def _generator(random_state) -> np.random.Generator:
-    """None (fresh entropy), a non-negative int seed or a ``numpy.random.Generator`` (used as is)."""
-    if isinstance(random_state, np.random.Generator):
-        return random_state
-    if random_state is not None:
-        positive_int("random_state", random_state, minimum=0)
-    return np.random.default_rng(random_state)
+# ---------------------------------------------------------------------------- the estimators' step
+def make_preprocessor(preprocess):
+    """A :class:`Preprocessor` for the estimators' ``preprocess`` parameter (None: no transform):
+    ``"standardize"`` (per-channel) or ``"zca"`` (standardise, then ZCA over whole images)."""
+    check_choice("preprocess", preprocess, PREPROCESSING)
+    if preprocess is None:
+        return None
+    return Preprocessor(scale=False, standardize=True, zca=preprocess == "zca")
 
 
-def _validation_count(n: int, val_size) -> int:
-    """The number of validation items for ``val_size`` (a count, or a fraction of n, rounded)."""
-    if isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool):
-        n_val = int(val_size)
-    elif isinstance(val_size, numbers.Real) and not isinstance(val_size, bool) and 0 <= val_size < 1:
-        n_val = round(val_size * n)
-    else:
-        raise ValueError(f"val_size must be an int or a fraction in [0, 1), got {val_size!r}")
-    if val_size != 0 and not 0 < n_val < n:
-        raise ValueError(
-            f"val_size={val_size!r} gives {n_val} validation items; the validation set must have "
-            f"between 1 and n - 1 = {n - 1} items (val_size=0 for no validation set)"
-        )
-    return n_val
-
-
-def train_val_split(n: int, val_size, random_state=None, labels=None):
-    """Random (train, validation) index tensors (int64, sorted) partitioning range(n).
-
-    Parameters
-    ----------
-    n : int
-        Number of items.
-    val_size : int or float
-        The validation count (an int) or a fraction of n in (0, 1) (rounded); 0 or 0.0 means
-        no validation set: ``(arange(n), empty)``.
-    random_state : None, int or numpy.random.Generator
-        Seed of the permutation (None: fresh entropy; a Generator is used, and advanced, as is).
-    labels : array-like of shape (n,), optional
-        Stratify by these labels: each class gives its proportional share
-        ``n_val · n_c / n`` of the validation set, the largest remainders rounded up so that
-        the total is exactly ``n_val``.
-
-    Returns
-    -------
-    train_idx, val_idx : torch.Tensor
-        Sorted int64 index tensors, disjoint, together ``range(n)``.
-    """
-    n = positive_int("n", n)
-    n_val = _validation_count(n, val_size)
-    if labels is not None:
-        y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
-        if y.size != n:
-            raise ValueError(f"labels must have n = {n} entries, got {y.size}")
-    rng = _generator(random_state)
-    if n_val == 0:
-        return torch.arange(n), torch.arange(0)
-    perm = rng.permutation(n)
-    if labels is None:
-        val = perm[:n_val]
-    else:
-        _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-        exact = counts * n_val / n
-        quota = np.floor(exact).astype(np.int64)
-        quota[np.argsort(quota - exact, kind="stable")[: n_val - quota.sum()]] += 1
-        val = np.concatenate([perm[inverse[perm] == c][:q] for c, q in enumerate(quota)])
-    is_val = np.zeros(n, dtype=bool)
-    is_val[val] = True
-    return tuple(torch.from_numpy(np.flatnonzero(mask).astype(np.int64)) for mask in (~is_val, is_val))
+def preprocess_rows(prep, rows: torch.Tensor, image_shape) -> torch.Tensor:
+    """Apply a fitted preprocessor to image rows (identity when ``prep`` is None)."""
+    if prep is None or rows.shape[0] == 0:
+        return rows
+    return prep.transform(rows.reshape(-1, *image_shape)).reshape(rows.shape[0], -1).to(rows.dtype).contiguous()

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 from ._compat import resolve_device
 from .agop import agop_memory_budget, patch_agop
 from .base_kernels import BASE_KERNELS
-from .estimator import RFMEstimator, data_fingerprint, param_default
+from .estimator import RFMEstimator, param_default
 from .kernel import ConvMahalanobisKernel, median_patch_distance
 from .metric import dc_direction, fixed_metric, spectrum_summary, update_metric
 from .patches import PatchGeometry
+from .persistence import data_fingerprint
 from .solvers import choose_solver, fit_kernel_machine, solver_options
 from .validation import (
     check_base_kernel,

@@ -46,7 +46,7 @@ def files(tmp_path_factory):
     np.savez(d / "train.npz", images=Xtr[:300], labels=ytr[:300])
     np.savez(d / "val.npz", images=Xte[:150, :, :, None], labels=yte[:150], classes=np.array(DIGIT_NAMES))
     np.savez(d / "val16.npz", images=np.zeros((20, 16, 16), np.uint8), labels=np.arange(20) % 10)
-    np.savez(d / "ambiguous.npz", images=np.zeros((4, 5, 6, 7), np.uint8), labels=np.arange(4))
+    np.savez(d / "ambiguous.npz", images=np.zeros((4, 3, 6, 3), np.uint8), labels=np.arange(4))
     np.savez(d / "unknown_labels.npz", images=Xte[:20], labels=np.full(20, 12))
     (d / "not.npz").write_text("not an npz file")
     (d / "config.json").write_text(json.dumps({"iterations": 1}))

@@ -348,9 +348,11 @@ def test_npz_layouts(tmp_path):
     assert torch.equal(a.images, b.images) and a.labels.tolist() == labels.tolist()
     assert a.classes == ("a", "b", "c") and b.classes is None
     check_images(load_npz(tmp_path / "grey.npz"), (6, 1, 8, 8))
-    floats = rng.normal(size=(4, 3, 5, 3)).astype(np.float32)  # auto: CHW (the second axis is 3)
+    floats = rng.normal(size=(4, 3, 5, 3)).astype(np.float32)  # auto: ambiguous (the estimators' rule)
     np.savez(tmp_path / "f.npz", images=floats, labels=np.zeros(4, np.int64))
-    assert load_npz(tmp_path / "f.npz").images.shape == (4, 3, 5, 3)
+    with pytest.raises(ValueError, match="cannot tell the channel axis"):
+        load_npz(tmp_path / "f.npz")
+    assert load_npz(tmp_path / "f.npz", layout="chw").images.shape == (4, 3, 5, 3)
     explicit = load_npz(tmp_path / "f.npz", layout="hwc", dtype=torch.float64)
     assert explicit.images.dtype == torch.float64
     np.testing.assert_allclose(explicit.images.numpy(), floats.transpose(0, 3, 1, 2))  # floats are not rescaled
@@ -359,10 +361,10 @@ def test_npz_layouts(tmp_path):
 def test_npz_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         load_npz(tmp_path / "missing.npz")
-    np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="x.npz: missing key 'labels' \\(found: 'images'\\)"):
         load_npz(tmp_path / "x.npz")
-    np.savez(tmp_path / "x.npz", images=np.zeros((2, 5, 6, 7)), labels=[0, 1])
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4, 3)), labels=[0, 1])  # small: H, W <= 4
     with pytest.raises(ValueError, match="cannot tell the channel axis"):
         load_npz(tmp_path / "x.npz")
     with pytest.raises(ValueError, match="layout"):
@@ -384,14 +386,14 @@ def test_npz_float_channels_last_detected(tmp_path):
     "arrays, match",
     [
         (
-            dict(images=np.zeros((2, 5, 6, 7)), labels=[0, 1]),
+            dict(images=np.zeros((2, 3, 6, 3)), labels=[0, 1]),
             r"cannot tell the channel axis .* pass load_npz\(\.\.\., layout='hwc'\) .*--layout",
         ),
-        (dict(images=np.zeros((2, 3, 4, 4)), labels=np.array(["cat", "dog"])), "labels must be integer class indices"),
-        (dict(images=np.zeros((2, 3, 4, 4)), labels=[0, 2], classes=np.array(["a", "b"])), r"labels must be \[0, 2\)"),
-        (dict(images=np.zeros((2, 3, 4, 4)), labels=[0, 1], classes=np.eye(2)), "'classes' must be a 1-d array"),
-        (dict(images=np.zeros((2, 3, 4, 4), np.complex64), labels=[0, 1]), "images must hold integers or floats"),
-        (dict(images=np.full((2, 3, 4, 4), "x"), labels=[0, 1]), "images must hold integers or floats"),
+        (dict(images=np.zeros((2, 3, 5, 5)), labels=np.array(["cat", "dog"])), "labels must be integer class indices"),
+        (dict(images=np.zeros((2, 3, 5, 5)), labels=[0, 2], classes=np.array(["a", "b"])), r"labels must be \[0, 2\)"),
+        (dict(images=np.zeros((2, 3, 5, 5)), labels=[0, 1], classes=np.eye(2)), "'classes' must be a 1-d array"),
+        (dict(images=np.zeros((2, 3, 5, 5), np.complex64), labels=[0, 1]), "images must hold integers or floats"),
+        (dict(images=np.full((2, 3, 5, 5), "x"), labels=[0, 1]), "images must hold integers or floats"),
     ],
 )
 def test_npz_content_errors(tmp_path, arrays, match):
@@ -409,13 +411,13 @@ def test_npz_foreign_files_refused(tmp_path):
     with pytest.raises(ValueError, match="evil.npz: not a valid npz file .*allow_pickle=False"):
         load_npz(tmp_path / "evil.npz")
     assert not marker.exists()
-    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 4)))
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 5, 5)))
     with pytest.raises(ValueError, match=r"a.npy: not a valid npz file .*single \.npy array"):
         load_npz(tmp_path / "a.npy")
     torch.save({"state": torch.zeros(3)}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="model.pt: not a valid npz file .*torch.save file"):
         load_npz(tmp_path / "model.pt")
-    np.savez(tmp_path / "ok.npz", images=np.zeros((2, 3, 4, 4)), labels=[0, 1])
+    np.savez(tmp_path / "ok.npz", images=np.zeros((2, 3, 5, 5)), labels=[0, 1])
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
         load_npz(tmp_path / "ok.npz", dtype=torch.int64)
 
@@ -528,3 +530,14 @@ def test_local_signal_errors():
         make_local_signal(10, kind="circle")
     with pytest.raises(ValueError, match="odd pattern_size"):
         make_local_signal(10, pattern_size=4)
+
+
+@pytest.mark.parametrize("shape, chw_shape", [((2, 5, 6, 7), (2, 5, 6, 7)), ((2, 8, 8, 3), (2, 3, 8, 8)),
+                                              ((2, 3, 8, 8), (2, 3, 8, 8))])
+def test_npz_layout_rule_is_the_estimators(tmp_path, shape, chw_shape):
+    """npz files and the estimators read a 4-D shape the same way (one rule)."""
+    from falkon_convrfm.inputs import channels_last_layout
+
+    np.savez(tmp_path / "x.npz", images=np.zeros(shape, np.float32), labels=[0, 1])
+    assert load_npz(tmp_path / "x.npz").images.shape == chw_shape
+    assert channels_last_layout(shape) is (chw_shape != shape)

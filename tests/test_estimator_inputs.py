@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 import falkon_convrfm.rfm as rfm_module
 from falkon_convrfm import ConvMahalanobisKernel, ConvRFM, DeepConvRFM, DeepRFM, LayerSpec, load_model
 from falkon_convrfm.metric import as_metric, update_metric
-from falkon_convrfm.validation import channels_last_layout
+from falkon_convrfm.inputs import channels_last_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from falkon_convrfm.preprocessing import Preprocessor, train_val_split, zca_whitening
+from falkon_convrfm.inputs import train_val_split
+from falkon_convrfm.preprocessing import Preprocessor, zca_whitening
 
 
 # ---------------------------------------------------------------------------- preprocessing
