@@ -1,12 +1,41 @@
-"""Measuring memory: resident-set size of this process, and its peak while a block runs."""
+"""Memory budgets and measurement: the byte budget of a device, the rows of a chunk that fit it,
+the resident-set size of this process and its peak while a block runs."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import threading
 import time
 from contextlib import contextmanager
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def memory_budget(limit=None, device="cpu", default: float = math.inf) -> float:
+    """The byte budget for work on ``device``.
+
+    ``limit``: None (no budget), a number of bytes (a user's ``max_memory``), or options with
+    ``max_cpu_mem`` / ``max_gpu_mem`` (``falkon.FalkonOptions``, :class:`~falkon_convrfm.KernelOptions`),
+    of which the field of ``device`` counts: ``max_gpu_mem`` on CUDA, ``max_cpu_mem`` elsewhere
+    (a missing field is no budget). ``default`` stands in for no budget or an infinite one.
+    """
+    if limit is not None and not isinstance(limit, numbers.Real):
+        field = "max_gpu_mem" if getattr(device, "type", device) == "cuda" else "max_cpu_mem"
+        limit = getattr(limit, field, None)
+    if limit is None or math.isinf(limit):
+        return default
+    return float(limit)
+
+
+def chunk_rows(budget_bytes: float, memory: dict, n: int, m: int, itemsize: int) -> int:
+    """Rows of X1 per chunk (1 ≤ rows ≤ n) so that ``memory`` (elements in Falkon's ``extra_mem``
+    form: ``"n"`` per row of the chunk, ``"m"`` per row of all m rows of X2, ``"0"`` once) of
+    ``itemsize``-byte elements fits ``budget_bytes``; all n rows when the budget is infinite."""
+    room = budget_bytes - (memory.get("m", 0) * m + memory.get("0", 0)) * itemsize
+    if math.isinf(room):
+        return n
+    return int(max(1, min(n, room // (memory["n"] * itemsize))))
 
 
 def rss_bytes() -> int:
