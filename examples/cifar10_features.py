@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--n-val", type=int, default=2000)
     p.add_argument("--patch-size", type=int, default=6)
     p.add_argument("--atoms", type=int, default=1024, help="n_atoms (dictionary size)")
-    p.add_argument("--pooling", type=pooling, default=2, help="g (g×g grid) or window,stride")
+    p.add_argument("--pooling", type=pooling, default=3, help="g (g×g grid) or window,stride")
     p.add_argument("--kernel", default="laplace")
     p.add_argument("--metric", default="whiten", choices=["whiten", "identity", "dc"])
     p.add_argument("--eps", type=float, default=0.1, help="whiten_eps")

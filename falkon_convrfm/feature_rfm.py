@@ -9,25 +9,22 @@ metric M₀ = (Σ + ε·λ̄·I)⁻¹ by default; the iterate with the best vali
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._compat import resolve_device
 from .base_kernels import BASE_KERNELS
-from .estimator import RFMEstimator
+from .estimator import COMMON_PARAMS, RFMEstimator
 from .features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
+from .params import Bandwidth, Custom, Factors, Integer, Interval, OneOf, Param, Positive, Shape, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint
 from .presets import preset_params
-from .rfm import evaluate
-from .preprocessing import make_preprocessor
-from .validation import (check_base_kernel, check_bool, check_choice, check_random_state, check_sigma,
-                         number_in, positive_int, positive_number, resolve_dtype)
+from .scoring import evaluate
+from .validation import positive_int
 
 CHECKPOINT_NAME = "patch_feature_rfm_checkpoint.pt"
 # Training images whose patches give the covariance, the atoms and the median distance.
@@ -56,6 +53,28 @@ def flip_rows(rows: torch.Tensor, image_shape) -> torch.Tensor:
     return rows.reshape(-1, *image_shape).flip(-1).reshape(rows.shape[0], -1)
 
 
+# PatchFeatureRFM's own parameters (defaults: its signature); it also has COMMON_PARAMS.
+PATCH_FEATURE_PARAMS = table(
+    Param("image_shape", Shape(), "(c, H, W) of flat-row input"),
+    Param("patch_size", Integer(1), "patch side q"),
+    Param("stride", Integer(1), "patch stride"),
+    Param("padding", Integer(0), "zero padding"),
+    Param("n_atoms", Integer(1), "dictionary size k"),
+    Param("pooling", Custom(check_pooling, "an int g or (window, stride)"), "pooled regions"),
+    Param("kernel", OneOf(BASE_KERNELS), "base patch kernel"),
+    Param("sigma", Bandwidth(), "bandwidth, or 'median'"),
+    Param("metric", OneOf(METRICS), "starting metric"),
+    Param("whiten_eps", Interval(0), "ε of the whitening metric"),
+    Param("iterations", Integer(0), "metric updates"),
+    Param("agop_power", Positive(), "p of the update"),
+    Param("shrinkage", Interval(0, 1), "s of the update"),
+    Param("agop_samples", Integer(1), "training images the AGOP is estimated on"),
+    Param("penalty", Positive(), "ridge λ"),
+    Param("penalty_grid", Factors(), "factors of penalty tried"),
+    Param("augment", OneOf(AUGMENTS), "training-set augmentation"),
+)
+
+
 class PatchFeatureRFM(RFMEstimator):
     """Recursive feature machine on explicit whitened, pooled patch features (linear ridge head).
 
@@ -68,7 +87,7 @@ class PatchFeatureRFM(RFMEstimator):
         Patch geometry.
     n_atoms : int, default 1024
         Dictionary size k: random training patches.
-    pooling : int or (int, int), default 2
+    pooling : int or (int, int), default 3
         g×g grid of average-pooled regions (2 = quadrants), or (window, stride) average pooling.
     kernel : str, default "laplace"
         Base patch kernel κ (``"laplace"``, ``"gaussian"``, ``"ntk"``).
@@ -88,9 +107,9 @@ class PatchFeatureRFM(RFMEstimator):
         s of the update: the weight kept on the current metric.
     agop_samples : int, default 1000
         Training images the AGOP is estimated on.
-    penalty : float, default 1e-3
+    penalty : float, default 0.1
         Ridge λ relative to the mean feature variance (× n).
-    penalty_grid : tuple of float, default (0.1, 1.0, 10.0)
+    penalty_grid : tuple of float, default (0.1, 0.3, 1.0, 3.0, 10.0)
         Factors of ``penalty`` tried; the best on the validation split is kept.
     augment : None or "flip", default None
         "flip" adds the left–right mirror of every training image (validation stays as given).
@@ -111,7 +130,7 @@ class PatchFeatureRFM(RFMEstimator):
         stride=1,
         padding=0,
         n_atoms=1024,
-        pooling=2,
+        pooling=3,
         kernel="laplace",
         sigma="median",
         metric="whiten",
@@ -120,8 +139,8 @@ class PatchFeatureRFM(RFMEstimator):
         agop_power=0.5,
         shrinkage=0.0,
         agop_samples=1000,
-        penalty=1e-3,
-        penalty_grid=(0.1, 1.0, 10.0),
+        penalty=0.1,
+        penalty_grid=(0.1, 0.3, 1.0, 3.0, 10.0),
         augment=None,
         task="auto",
         validation_fraction=0.1,
@@ -162,6 +181,7 @@ class PatchFeatureRFM(RFMEstimator):
         self.channels_last = channels_last
         self.progress = progress
 
+    _PARAMS = {**PATCH_FEATURE_PARAMS, **COMMON_PARAMS}
     _FITTED = ("M_", "atoms_", "coef_", "intercept_", "sigma_", "penalty_", "history_", "metrics_", "preprocessor_",
                "best_iteration_", "classes_", "image_shape_", "task_", "seed_")
     _CHECKPOINT = CHECKPOINT_NAME
@@ -171,43 +191,6 @@ class PatchFeatureRFM(RFMEstimator):
         """The estimator with preset ``name``'s parameters for ``device``
         (:data:`~falkon_convrfm.presets.PRESETS`), ``overrides`` replacing any of them."""
         return cls(**{**preset_params(name, device), **overrides})
-
-    # ------------------------------------------------------------------ parameters
-    def _check_params(self):
-        if self.image_shape is not None and (
-            not isinstance(self.image_shape, (tuple, list)) or len(self.image_shape) != 3
-        ):
-            raise ValueError(f"image_shape must be None or (c, H, W), got {self.image_shape!r}")
-        positive_int("patch_size", self.patch_size)
-        positive_int("stride", self.stride)
-        positive_int("padding", self.padding, minimum=0)
-        positive_int("n_atoms", self.n_atoms)
-        check_pooling(self.pooling)
-        check_base_kernel(self.kernel)
-        check_sigma(self.sigma, allow=("median",))
-        check_choice("metric", self.metric, METRICS)
-        number_in("whiten_eps", self.whiten_eps, 0, math.inf)
-        positive_int("iterations", self.iterations, minimum=0)
-        positive_number("agop_power", self.agop_power)
-        number_in("shrinkage", self.shrinkage, 0, 1)
-        positive_int("agop_samples", self.agop_samples)
-        positive_number("penalty", self.penalty)
-        if isinstance(self.penalty_grid, (str, bytes)) or not hasattr(self.penalty_grid, "__len__") \
-                or len(self.penalty_grid) == 0:
-            raise ValueError(f"penalty_grid must be a non-empty sequence of positive factors, got {self.penalty_grid!r}")
-        for i, factor in enumerate(self.penalty_grid):
-            positive_number(f"penalty_grid[{i}]", factor)
-        check_choice("augment", self.augment, AUGMENTS)
-        check_choice("task", self.task, ("auto", "classification", "regression"))
-        number_in("validation_fraction", self.validation_fraction, 0, 1, high_open=True)
-        make_preprocessor(self.preprocess)
-        resolve_dtype(self.dtype)
-        resolve_device(self.device)
-        if self.max_memory is not None:
-            positive_number("max_memory", self.max_memory)
-        check_random_state(self.random_state)
-        check_choice("channels_last", self.channels_last, ("auto", True, False))
-        check_bool("progress", self.progress)
 
     # ------------------------------------------------------------------ building blocks
     def _geometry(self, image_shape) -> PatchGeometry:
@@ -271,7 +254,7 @@ class PatchFeatureRFM(RFMEstimator):
         bar = tqdm(range(start, self.iterations + 1), desc="PatchFeatureRFM", disable=not self.progress,
                    initial=start, total=self.iterations + 1)
         for t in bar:
-            record = {"iteration": t}
+            record = {"iteration": t, "train_rows": Xtr.shape[0]}
             tic = time.perf_counter()
             sigma = self._bandwidth(M, self.atoms_, patches)
             fmap = self._feature_map(M, self.atoms_, sigma, image_shape)

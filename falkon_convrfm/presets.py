@@ -9,12 +9,12 @@ from __future__ import annotations
 # train / 5 000 validation) stays within 30 minutes on a 2-core CPU; cuda: more atoms.
 PRESETS = {
     "cifar10": {
-        "cpu": {"patch_size": 6, "n_atoms": 1024, "pooling": 2, "kernel": "laplace", "metric": "whiten",
+        "cpu": {"patch_size": 6, "n_atoms": 1024, "pooling": 3, "kernel": "laplace", "metric": "whiten",
                 "whiten_eps": 0.1, "iterations": 1, "agop_power": 0.5, "shrinkage": 0.0, "agop_samples": 1000,
-                "penalty": 1e-3, "penalty_grid": (0.1, 1.0, 10.0)},
-        "cuda": {"patch_size": 6, "n_atoms": 4096, "pooling": 2, "kernel": "laplace", "metric": "whiten",
+                "penalty": 0.1, "penalty_grid": (0.1, 0.3, 1.0, 3.0, 10.0)},
+        "cuda": {"patch_size": 6, "n_atoms": 4096, "pooling": 3, "kernel": "laplace", "metric": "whiten",
                  "whiten_eps": 0.1, "iterations": 1, "agop_power": 0.5, "shrinkage": 0.0, "agop_samples": 2000,
-                 "penalty": 1e-3, "penalty_grid": (0.1, 1.0, 10.0)},
+                 "penalty": 0.1, "penalty_grid": (0.1, 0.3, 1.0, 3.0, 10.0)},
     },
 }
 

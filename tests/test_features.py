@@ -255,9 +255,10 @@ def test_estimator_fits_scores_and_round_trips(tmp_path):
 
 def test_estimator_flip_doubles_training_rows():
     X, y = _images(60)
-    model = PatchFeatureRFM(patch_size=3, n_atoms=16, iterations=0, augment="flip", random_state=0, progress=False)
+    model = PatchFeatureRFM(patch_size=3, n_atoms=16, pooling=2, iterations=0, augment="flip", random_state=0, progress=False)
     model.fit(X, y)
     assert model.history_[0]["features"] == 4 * 16
+    assert model.history_[0]["train_rows"] == 2 * 54  # 60 images, 6 validate (unflipped)
 
 
 def test_estimator_resumes_from_checkpoint(tmp_path):
@@ -280,3 +281,11 @@ def test_estimator_bad_parameters_are_one_line(param, value, message):
     with pytest.raises(ValueError, match=message) as info:
         PatchFeatureRFM(**{param: value}, progress=False).fit(X, y)
     assert "\n" not in str(info.value)
+
+
+def test_preset_parameters_and_overrides():
+    model = PatchFeatureRFM.preset("cifar10", iterations=0)
+    assert model.iterations == 0 and model.metric == "whiten" and model.device == "cpu"
+    assert PatchFeatureRFM.preset("cifar10", device="cuda").n_atoms > model.n_atoms
+    with pytest.raises(ValueError, match="unknown preset 'imagenet'; presets: cifar10"):
+        PatchFeatureRFM.preset("imagenet")
