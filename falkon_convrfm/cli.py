@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import inspect
 import json
 import shutil
@@ -23,13 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base_kernels import BASE_KERNELS
-from .deep import DeepConvRFM, LayerSpec
-from .estimator import param_default
-from .rfm import ConvRFM
-from .solvers import SOLVERS
-from .preprocessing import PREPROCESSING
-from .validation import DTYPES, check_sigma, positive_int, positive_number
+from .deep import LAYER_PARAMS, DeepConvRFM, LayerSpec
+from .estimator import SHARED_PARAMS as SHARED_TABLE
+from .params import Integer, OneOf, Positive, option_type, param_default
+from .rfm import CONVRFM_PARAMS, ConvRFM
 
 PROG = "convrfm"
 BUILTIN_DATASETS = ("digits", "local-signal")  # no --data
@@ -39,71 +35,41 @@ PREDICTION_SUFFIXES = (".npy", ".csv")
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # FileNotFoundError is an OSError
 CHECKPOINT_SUBDIR = "checkpoint"
-DTYPE_NAMES = tuple(k for k in DTYPES if isinstance(k, str))
-PREPROCESS_NAMES = tuple(p or "none" for p in PREPROCESSING)
+
+
+def _on_command_line(params: dict) -> tuple:
+    """The names of the parameters of ``params`` that an option of the same name (dest) sets."""
+    return tuple(name for name, p in params.items() if p.option)
+
+
 # Estimator parameters the CLI sets from options of the same name (dest): those both models share
-# and those of the ConvRFM (or of a deep model's final ConvRFM) alone. Their defaults are the
-# estimators' own (``param_default``).
-SHARED_PARAMS = ("penalty", "n_centres", "solver", "maxiter", "validation_fraction", "preprocess", "dtype",
-                 "device", "random_state")
-CONV_PARAMS = ("patch_size", "stride", "padding", "pool_window", "kernel", "sigma", "iterations", "agop_samples",
-               "agop_power", "dc_weight")
+# and those of the ConvRFM (or of a deep model's final ConvRFM) alone, with their rules, help and
+# defaults (the estimators' own).
+SHARED_PARAMS = _on_command_line(SHARED_TABLE)
+CONV_PARAMS = _on_command_line(CONVRFM_PARAMS)
 
 
 def conv_default(name: str):
     return param_default(ConvRFM, name)
 
 
-# ---------------------------------------------------------------------------- option types
-def _option_type(parse, check):
-    """An argparse ``type``: ``check(parse(text))`` (``check(text)`` when the text does not parse),
-    whose ValueError becomes the one-line usage error."""
-    def convert(text):
-        try:
-            value = parse(text)
-        except ValueError:
-            value = text
-        try:
-            return check(value)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return convert
-
-
 def _integer(minimum: int):
-    return _option_type(int, lambda v: positive_int("value", v, minimum))
+    """The argparse ``type`` of a command's own integer option (≥ ``minimum``)."""
+    return option_type("value", Integer(minimum))
 
 
-POSITIVE = _option_type(float, lambda v: positive_number("value", v))
-REAL = _option_type(float, float)  # its range is checked by the estimator
+POSITIVE = option_type("value", Positive())
 
 
-def _dc_weight(value):
-    """A number (its range is checked by the estimator), 'auto', or 'none' (None)."""
-    if value in ("auto", "none"):
-        return None if value == "none" else value
-    if isinstance(value, str):
-        raise ValueError(f"expected a number >= 0, 'auto' or 'none', got {value!r}")
-    return value
-
-
-DC_WEIGHT = _option_type(float, _dc_weight)
-SIGMA = _option_type(float, lambda v: check_sigma(v, allow=("median",)))
-
-
-def _device(name: str) -> str:
-    """``name`` if torch has that device here (resolve_device's RuntimeError as a ValueError)."""
-    from ._compat import resolve_device
-
-    try:
-        resolve_device(name)
-    except RuntimeError as exc:
-        raise ValueError(_one_line(exc)) from None
-    return name
-
-
-DEVICE = _option_type(str, _device)
+def _add_param(p, param, default, **overrides) -> None:
+    """The option of an estimator parameter: its rule reads and checks the text, the estimator's
+    default, its help (and the choices of a parameter with choices as its metavar)."""
+    metavar = param.metavar
+    if metavar is None and isinstance(param.rule, OneOf):
+        metavar = "{" + ",".join(param.rule.cli_choices()) + "}"
+    kwargs = dict(dest=param.name, type=option_type(param.name, param.rule), default=default, metavar=metavar,
+                  help=param.help)
+    p.add_argument(param.option, **{**kwargs, **overrides})
 
 
 # ---------------------------------------------------------------------------- parser classes
@@ -262,68 +228,34 @@ def load_model(path):
     return load(_existing_file(path, "--model"))
 
 
-def _final(model) -> ConvRFM:
-    """The ConvRFM that makes the predictions: the model itself or a deep model's final one."""
-    return getattr(model, "final_", model)
+def iteration_of(metric, requested: int | None) -> int:
+    """``requested`` (default: the kept iterate) if ``metric`` has its M, else ValueError."""
+    if requested is None:
+        return metric.best
+    if requested not in metric.metrics:
+        its = sorted(metric.metrics)
+        valid = f"{its[0]}..{its[-1]}" if len(its) > 1 else f"{its[0]} (only the kept M is stored)"
+        raise ValueError(f"--iteration {requested} is out of range: {metric.name} has iteration {valid}")
+    return requested
 
 
-@dataclasses.dataclass(frozen=True)
-class LearnedMetric:
-    """One ConvRFM inside a model: its metrics by iteration, history and patch geometry."""
+def title(metric, iteration: int) -> str:
+    from .viz import describe_iterate
 
-    name: str
-    metrics: dict  # iteration → M (a deep model's feature layers keep only the best one)
-    history: list
-    best: int
-    image_shape: tuple
-    patch_size: int
-    stride: int
-    padding: int
-
-    def iteration(self, requested: int | None) -> int:
-        """``requested`` (default: the kept iterate) if this ConvRFM has its M, else ValueError."""
-        if requested is None:
-            return self.best
-        if requested not in self.metrics:
-            its = sorted(self.metrics)
-            valid = f"{its[0]}..{its[-1]}" if len(its) > 1 else f"{its[0]} (only the kept M is stored)"
-            raise ValueError(f"--iteration {requested} is out of range: {self.name} has iteration {valid}")
-        return requested
-
-    def title(self, iteration: int) -> str:
-        from .viz import describe_iterate
-
-        return f"{self.name}: {describe_iterate(self.history, self.best, iteration)}"
-
-    def location_share(self, iteration: int):
-        """(per-location AGOP share, title): the AGOP that produced M of ``iteration`` (for the
-        fixed M of iteration 0, the AGOP of iteration 0's predictor)."""
-        source = max(iteration - 1, 0)
-        if "location_share" not in self.history[source]:
-            raise ValueError(f"--locations: {self.name} computed no AGOP (fitted with iterations=0)")
-        what = "fixed M's predictor" if iteration == 0 else f"iteration {source}, which gave M of iteration {iteration}"
-        return self.history[source]["location_share"], f"{self.name}: AGOP share per location ({what})"
+    return f"{metric.name}: {describe_iterate(metric.history, metric.best, iteration)}"
 
 
-def learned_metric(model, layer: int | None) -> LearnedMetric:
-    """The ConvRFM of a model (``layer`` None) or of a deep model's layer (default: the final one)."""
+def learned_metric(model, layer: int | None):
+    """The :class:`~falkon_convrfm.rfm.LearnedMetric` of a model (``layer`` None) or of a deep
+    model's layer (default: the final ConvRFM)."""
     if not hasattr(model, "final_"):
         if layer is not None:
             raise ValueError(f"--layer applies to deep models; this model is a {type(model).__name__}")
-        return LearnedMetric(type(model).__name__, dict(enumerate(model.metrics_)), model.history_,
-                             model.best_iteration_, tuple(model.image_shape_), model.patch_size, model.stride,
-                             model.padding)
-    last = len(model.metrics_)  # feature layers 0..last-1, the final ConvRFM is layer `last`
-    layer = last if layer is None else layer
-    if not 0 <= layer <= last:
-        raise ValueError(f"--layer {layer} is out of range: this {type(model).__name__} has layers 0..{last} "
-                         f"({last} = the final ConvRFM)")
-    if layer == last:
-        return dataclasses.replace(learned_metric(model.final_, None), name=f"layer {layer} (final ConvRFM)")
-    record, spec = model.history_[layer], model._specs()[layer]
-    best = record["best_iteration"]
-    return LearnedMetric(f"layer {layer} (feature map)", {best: model.metrics_[layer]}, record["convrfm_history"],
-                         best, tuple(record["input_shape"]), spec.patch_size, spec.stride, spec.padding)
+        return model.learned_metric()
+    try:
+        return model.learned_metric(layer)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
 
 
 def _saved(fig) -> None:
@@ -333,12 +265,12 @@ def _saved(fig) -> None:
     plt.close(fig)
 
 
-def draw_filters(metric: LearnedMetric, iteration: int | None, k: int, path) -> None:
+def draw_filters(metric, iteration: int | None, k: int, path) -> None:
     from .viz import plot_filters
 
-    iteration = metric.iteration(iteration)
+    iteration = iteration_of(metric, iteration)
     _saved(plot_filters(metric.metrics[iteration], metric.image_shape, metric.patch_size, k=k, path=path,
-                        title=metric.title(iteration)))
+                        title=title(metric, iteration)))
 
 
 # ---------------------------------------------------------------------------- commands
@@ -389,8 +321,7 @@ def build_model(args, config: dict):
     """The estimator the options and the --config parameters (which take precedence) describe."""
     where = f"--config {args.config}"
     shared = {name: getattr(args, name) for name in SHARED_PARAMS}
-    shared.update(preprocess=None if args.preprocess == "none" else args.preprocess,
-                  max_memory=None if args.max_memory_gb is None else args.max_memory_gb * 2**30,
+    shared.update(max_memory=None if args.max_memory_gb is None else args.max_memory_gb * 2**30,
                   checkpoint_dir=str(checkpoint_dir(args)), progress=not args.quiet)
     conv = {name: getattr(args, name) for name in CONV_PARAMS}
     layer_options = args.depth != 1 or args.width != param_default(LayerSpec, "width")
@@ -446,8 +377,7 @@ def cmd_fit(args):
         draw_filters(metric, None, min(8, metric.metrics[metric.best].shape[0]), out / "filters.png")
     if not args.checkpoint_dir:  # the default checkpoint has served its purpose: model.pt holds the result
         shutil.rmtree(checkpoints, ignore_errors=True)
-    best = metric.history[metric.best]
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("val_")) or "no validation data"
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in metric.validation_scores(metric.best).items()) or "no validation data"
     print(f"fitted on {len(y)} images of {name} in {seconds:.1f} s; validation: {val_name}; "
           f"kept iteration {metric.best}: {scores}")
     print(f"wrote {out}/model.pt, history.json, curves.png, filters.png")
@@ -472,18 +402,6 @@ def cmd_predict(args):
     print(f"wrote {len(pred)} predictions for {name} to {out}")
 
 
-def confusion_matrix(y_true, y_pred, classes) -> np.ndarray:
-    """Counts C[i, j] of true class i predicted as class j; ValueError for labels not in ``classes``."""
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({t for t in y_true} - set(index), key=str)
-    if unknown:
-        raise ValueError(f"labels {unknown} of the data are not among the model's classes {list(classes)}")
-    C = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    for t, p in zip(y_true, y_pred):
-        C[index[t], index[p]] += 1
-    return C
-
-
 def format_confusion(C: np.ndarray, classes, names=None) -> list:
     """Lines of the confusion matrix (rows: true class, columns: predicted class), rows named
     "label name" when ``names`` (indexed by integer label) are given."""
@@ -500,23 +418,26 @@ def format_confusion(C: np.ndarray, classes, names=None) -> list:
 def cmd_evaluate(args):
     out = None if args.out is None else check_output_file(args.out, "--out", (".json",))
     model = load_model(args.model)
-    final = _final(model)
-    if final.task_ != "classification":
+    if model.task_ != "classification":
         raise ValueError(f"--model {args.model} is a regression model; evaluate reports classification accuracy")
     data, name = load_data(args.dataset, args.data, args.split, args.layout, "test")
     X, y = _first(data, args.n, "--n", name)
-    y, pred = _numpy(y).tolist(), _numpy(model.predict(X)).tolist()
-    classes = _numpy(final.classes_).tolist()
-    C = confusion_matrix(y, pred, classes)
-    acc = float(np.mean([t == p for t, p in zip(y, pred)]))
-    print(f"{name}: {len(y)} images, accuracy {acc:.4f}")
+    scores, classes = model.evaluate(X, y), _numpy(model.classes_).tolist()
+    print(f"{name}: {len(y)} images, accuracy {scores['accuracy']:.4f}")
     print("confusion matrix (rows: true class, columns: predicted class)")
-    print("\n".join(format_confusion(C, classes, data.classes)))
+    print("\n".join(format_confusion(scores["confusion"], classes, data.classes)))
     if out is not None:
         with open(out, "w") as f:
-            json.dump({"data": name, "accuracy": acc, "classes": classes, "class_names": data.classes,
-                       "confusion": C.tolist()}, f)
+            json.dump({"data": name, "accuracy": scores["accuracy"], "classes": classes, "class_names": data.classes,
+                       "confusion": scores["confusion"].tolist()}, f)
         print(f"wrote {out}")
+
+
+def _location_share(metric, iteration: int):
+    try:
+        return metric.location_share(iteration)
+    except ValueError as exc:
+        raise ValueError(f"--locations: {exc}") from None
 
 
 def cmd_filters(args):
@@ -525,10 +446,10 @@ def cmd_filters(args):
     out = check_output_file(args.out, "--out", FIGURE_SUFFIXES)
     locations = None if args.locations is None else check_output_file(args.locations, "--locations", FIGURE_SUFFIXES)
     metric = learned_metric(load_model(args.model), args.layer)
-    iteration = metric.iteration(args.iteration)
-    share, share_title = metric.location_share(iteration) if locations else (None, None)
+    iteration = iteration_of(metric, args.iteration)
+    share, share_title = _location_share(metric, iteration) if locations else (None, None)
     draw_filters(metric, iteration, args.k, out)
-    print(f"wrote {out}: {metric.title(iteration)}")
+    print(f"wrote {out}: {title(metric, iteration)}")
     if locations:
         _saved(plot_location_map(share, metric.image_shape, metric.patch_size, metric.stride, metric.padding,
                                  path=locations, title=share_title))
@@ -539,7 +460,7 @@ def cmd_plan(args):
     from .planning import format_plan, plan_memory
 
     plan = plan_memory(args.n, tuple(args.image_shape), args.patch_size, args.stride, args.padding,
-                       args.centres, dtype=args.dtype, device_memory=args.device_memory_gb * 2**30,
+                       args.n_centres, dtype=args.dtype, device_memory=args.device_memory_gb * 2**30,
                        n_outputs=args.outputs, agop_samples=args.agop_samples, n_val=args.n_val)
     print(format_plan(plan))
 
@@ -562,47 +483,15 @@ def _add_debug(p, default):
 
 
 def _add_estimator_options(p):
-    c = {name: conv_default(name) for name in (*SHARED_PARAMS, *CONV_PARAMS)}
     p.add_argument("--model", choices=["conv", "deep"], default="conv", help="ConvRFM or Deep ConvRFM")
     p.add_argument("--config", help="JSON object of extra estimator parameters, taking precedence over the "
                    "options (deep: 'layers', a list of LayerSpec fields, and 'final') (default: none)")
-    p.add_argument("--val-fraction", dest="validation_fraction", type=REAL, default=c["validation_fraction"],
-                   metavar="F",
-                   help="share of the training images held out to pick the best iterate (not used with --val-data)")
-    p.add_argument("--preprocess", choices=PREPROCESS_NAMES, default=c["preprocess"] or "none",
-                   help="pixel preprocessing fitted on the training split")
-    p.add_argument("--patch-size", dest="patch_size", type=_integer(1), default=c["patch_size"], metavar="Q",
-                   help="patch side q")
-    p.add_argument("--stride", type=_integer(1), default=c["stride"], help="patch stride")
-    p.add_argument("--padding", type=_integer(0), default=c["padding"], help="zero padding")
-    p.add_argument("--pool-window", dest="pool_window", type=_integer(1), default=c["pool_window"], metavar="W",
-                   help="local pooling: compare each patch with the w×w neighbouring patches of the other image")
-    p.add_argument("--kernel", choices=tuple(BASE_KERNELS), default=c["kernel"], help="base patch kernel")
-    p.add_argument("--sigma", type=SIGMA, default=c["sigma"], help="bandwidth, or 'median'")
-    p.add_argument("--penalty", type=POSITIVE, default=c["penalty"], help="ridge penalty λ")
-    p.add_argument("--centres", dest="n_centres", type=_integer(1), default=c["n_centres"], metavar="M",
-                   help="Nyström centres")
-    p.add_argument("--iterations", type=_integer(0), default=c["iterations"], help="metric updates")
-    p.add_argument("--agop-samples", dest="agop_samples", type=_integer(1), default=c["agop_samples"], metavar="N",
-                   help="training images the AGOP is estimated on")
-    p.add_argument("--agop-power", dest="agop_power", type=POSITIVE, default=c["agop_power"], metavar="P",
-                   help="M = normalise(AGOP^P)")
-    p.add_argument("--dc-weight", dest="dc_weight", type=DC_WEIGHT, default=c["dc_weight"], metavar="W",
-                   help="weight w >= 0 of the patch-brightness (DC) direction in M, 'auto' (decided from the "
-                   "data) or 'none' (DC stays in the AGOP)")
+    for name in (*SHARED_PARAMS, *CONV_PARAMS):
+        _add_param(p, {**SHARED_TABLE, **CONVRFM_PARAMS}[name], conv_default(name))
     p.add_argument("--depth", type=_integer(1), default=1, help="deep: number of feature-map layers")
-    p.add_argument("--width", type=_integer(1), default=param_default(LayerSpec, "width"),
-                   help="deep: filters per layer")
-    p.add_argument("--solver", choices=SOLVERS, default=c["solver"],
-                   help="kernel ridge solver (auto: Falkon when installed)")
-    p.add_argument("--maxiter", type=_integer(1), default=c["maxiter"], help="Falkon CG iterations")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=c["dtype"], help="floating-point precision")
-    p.add_argument("--device", type=DEVICE, default=c["device"], help="cpu or cuda")
+    _add_param(p, LAYER_PARAMS["width"], param_default(LayerSpec, "width"))
     p.add_argument("--max-memory-gb", type=POSITIVE, metavar="GB",
                    help="memory budget for kernel blocks and AGOP chunks (default: none, the solver's own)")
-    p.add_argument("--seed", dest="random_state", type=_integer(0), default=c["random_state"], metavar="N",
-                   help="random seed of the split, centres and AGOP rows (default: none, a fresh seed; "
-                   "a fit resumed from its checkpoint reuses the checkpoint's seed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -655,17 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", dest="n_val", type=_integer(0), default=0, metavar="N", help="validation images")
     p.add_argument("--image-shape", dest="image_shape", type=_integer(1), nargs=3, default=[3, 32, 32],
                    metavar=("C", "H", "W"), help="image shape")
-    p.add_argument("--patch-size", dest="patch_size", type=_integer(1), default=conv_default("patch_size"),
-                   metavar="Q", help="patch side q")
-    p.add_argument("--stride", type=_integer(1), default=conv_default("stride"), help="patch stride")
-    p.add_argument("--padding", type=_integer(0), default=conv_default("padding"), help="zero padding")
-    p.add_argument("--centres", type=_integer(1), default=conv_default("n_centres"), metavar="M",
-                   help="Nyström centres")
+    for name in ("patch_size", "stride", "padding", "n_centres"):
+        _add_param(p, CONVRFM_PARAMS.get(name) or SHARED_TABLE[name], conv_default(name))
     p.add_argument("--outputs", type=_integer(1), default=10, help="classes (outputs of the predictor)")
-    p.add_argument("--agop-samples", dest="agop_samples", type=_integer(1), default=conv_default("agop_samples"),
-                   metavar="N", help="training images the AGOP is estimated on")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=conv_default("dtype"),
-                   help="floating-point precision")
+    for name in ("agop_samples", "dtype"):
+        _add_param(p, CONVRFM_PARAMS.get(name) or SHARED_TABLE[name], conv_default(name))
     p.add_argument("--device-memory-gb", dest="device_memory_gb", type=POSITIVE, default=80.0, metavar="GB",
                    help="memory of the device")
     p.set_defaults(func=cmd_plan)

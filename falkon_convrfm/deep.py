@@ -21,15 +21,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .estimator import RFMEstimator, param_default
+from .estimator import SHARED_PARAMS, RFMEstimator
 from .memory import peak_rss
 from .metric import psd_power
+from .params import AnyOf, Integer, OneOf, Param, check_params, param_default, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint, plain_dataclass
-from .rfm import ConvRFM
-from .validation import as_tensor, check_choice, positive_int
+from .rfm import ConvRFM, LearnedMetric
+from .validation import as_tensor, positive_int
 
 NONLINEARITIES = ("relu", "none")
+# The fields of a LayerSpec that shape the feature map (the others are ConvRFM's parameters).
+LAYER_PARAMS = table(
+    Param("nonlinearity", OneOf(NONLINEARITIES), "φ of the feature map"),
+    Param("pool", AnyOf((OneOf((None,)), Integer(1))), "average pooling of the feature map"),
+    Param("width", Integer(1), "deep: filters per layer", "--width"),
+)
 _CONVRFM_PARAMS = tuple(p for p in inspect.signature(ConvRFM.__init__).parameters if p != "self")
 
 
@@ -65,10 +72,7 @@ class LayerSpec:
     dc_weight: float | str | None = _conv("dc_weight")
 
     def __post_init__(self):
-        check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
-        if self.pool is not None:
-            positive_int("pool", self.pool)
-        positive_int("width", self.width)
+        check_params(LAYER_PARAMS, self)
 
     def convrfm_params(self) -> dict:
         """The ConvRFM parameters this layer sets."""
@@ -131,6 +135,7 @@ class DeepConvRFM(RFMEstimator):
     time, peak memory, shapes).  image_shape_, feature_shapes_, classes_, task_, seed_.
     """
 
+    _PARAMS = SHARED_PARAMS
     _FITTED = ("final_", "filters_", "metrics_", "history_", "image_shape_", "feature_shapes_", "preprocessor_",
                "task_", "classes_", "seed_")
     _CHECKPOINT = "deep_state.pt"
@@ -208,7 +213,7 @@ class DeepConvRFM(RFMEstimator):
     def _check_params(self):
         """Every parameter, the layers' and the final model's, checked before any work; returns
         the layer specs."""
-        self._check_shared_params()
+        super()._check_params()
         specs = self._specs()
         for index, spec in enumerate(specs):
             ConvRFM(**self._layer_params(spec, index, None, self.task, self.random_state))._check_params()
@@ -259,6 +264,22 @@ class DeepConvRFM(RFMEstimator):
         return self
 
     # ------------------------------------------------------------------ fitted model
+    def learned_metric(self, layer: int | None = None) -> LearnedMetric:
+        """The metric of feature layer ``layer`` (0 .. len(filters_) − 1; only the kept M of its
+        ConvRFM is stored) or of the final ConvRFM (``layer`` = len(filters_), the default)."""
+        self._check_fitted()
+        last = len(self.filters_)
+        layer = last if layer is None else positive_int("layer", layer, minimum=0)
+        if layer > last:
+            raise ValueError(f"layer {layer} is out of range: this {type(self).__name__} has layers 0..{last} "
+                             f"({last} = the final ConvRFM)")
+        if layer == last:
+            return self.final_.learned_metric(f"layer {layer} (final ConvRFM)")
+        record, spec = self.history_[layer], self._specs()[layer]
+        best = record["best_iteration"]
+        return LearnedMetric(f"layer {layer} (feature map)", {best: self.metrics_[layer]}, record["convrfm_history"],
+                             best, tuple(record["input_shape"]), spec.patch_size, spec.stride, spec.padding)
+
     def _features(self, rows: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Feature maps of prepared rows after the first ``depth`` layers (all by default)."""
         shape = self.image_shape_

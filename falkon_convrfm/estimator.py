@@ -15,8 +15,6 @@ checkpoint reuses the seed the checkpoint was made with.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import os
 
 import numpy as np
 import torch
@@ -24,18 +22,13 @@ from sklearn.base import BaseEstimator
 
 from ._compat import resolve_device
 from .inputs import TASKS, as_labels, class_labels, encode_labels, image_rows, resolve_task, train_val_split
-from .persistence import CheckpointStore, FILE_FORMAT, atomic_save, file_name, from_plain, read_file, register_estimator, to_plain
-from .preprocessing import make_preprocessor, preprocess_rows
+from .params import SEED, AnyOf, Device, Flag, Integer, Interval, OneOf, Param, PathOrNone, Positive, check_params, table
+from .persistence import (CheckpointStore, FILE_FORMAT, atomic_save, file_name, from_plain, read_file, register_estimator,
+                          to_plain)
+from .preprocessing import PREPROCESSING, make_preprocessor, preprocess_rows
+from .scoring import accuracy, class_scores, decision_codes, evaluate
 from .solvers import SOLVERS
-from .validation import (
-    check_bool,
-    check_choice,
-    check_random_state,
-    number_in,
-    positive_int,
-    positive_number,
-    resolve_dtype,
-)
+from .validation import DTYPES, resolve_dtype
 
 
 @dataclasses.dataclass
@@ -51,20 +44,41 @@ class PreparedData:
     generator: torch.Generator
 
 
-def param_default(cls, name: str):
-    """The default of parameter ``name`` in ``cls.__init__`` (the one source of defaults)."""
-    return inspect.signature(cls.__init__).parameters[name].default
+# The parameters of every estimator (defaults: the estimators' signatures).
+COMMON_PARAMS = table(
+    Param("task", OneOf(TASKS), "classification, regression, or auto (read from the labels)"),
+    Param("validation_fraction", Interval(0, 1, high_open=True),
+          "share of the training images held out to pick the best iterate (not used with --val-data)",
+          "--val-fraction", "F"),
+    Param("preprocess", OneOf(PREPROCESSING), "pixel preprocessing fitted on the training split", "--preprocess"),
+    Param("dtype", OneOf(DTYPES), "floating-point precision", "--dtype"),
+    Param("device", Device(), "cpu or cuda", "--device"),
+    Param("max_memory", AnyOf((OneOf((None,)), Positive())), "bytes for kernel blocks and AGOP chunks"),
+    Param("random_state", SEED, "random seed of the split, centres and AGOP rows (default: none, a fresh seed; "
+          "a fit resumed from its checkpoint reuses the checkpoint's seed)", "--seed", "N"),
+    Param("checkpoint_dir", PathOrNone(), "folder of the checkpoint of an interruptible fit"),
+    Param("channels_last", OneOf(("auto", True, False)), "layout of 4-D images"),
+    Param("progress", Flag(), "progress bars"),
+)
+# ... and of every estimator with a kernel solver (ConvRFM, DeepConvRFM).
+SHARED_PARAMS = {**table(
+    Param("penalty", Positive(), "ridge penalty λ", "--penalty"),
+    Param("n_centres", Integer(1), "Nyström centres", "--centres", "M"),
+    Param("maxiter", Integer(1), "Falkon CG iterations", "--maxiter"),
+    Param("solver", OneOf(SOLVERS), "kernel ridge solver (auto: Falkon when installed)", "--solver"),
+), **COMMON_PARAMS}
 
 
 class RFMEstimator(BaseEstimator):
     """Shared machinery of the ConvRFM estimators (not used directly).
 
-    Subclasses define ``_FITTED`` (fitted attributes saved by :meth:`save`, the first one marks
+    Subclasses define ``_PARAMS`` (their :class:`~falkon_convrfm.params.Param` table), ``_FITTED`` (fitted attributes saved by :meth:`save`, the first one marks
     a fitted model), ``_CHECKPOINT`` (the checkpoint file name), ``_scores(rows)`` (decision values
     (n, C) of prepared rows), ``_to_device(device)`` and ``_restore()`` (rebuild derived state
     after loading).
     """
 
+    _PARAMS: dict = {}
     _FITTED: tuple = ()
     _CHECKPOINT = ""
 
@@ -73,24 +87,9 @@ class RFMEstimator(BaseEstimator):
         register_estimator(cls)
 
     # ------------------------------------------------------------------ parameters
-    def _check_shared_params(self):
-        """Checks of the parameters every estimator has (one-line ValueError/TypeError)."""
-        positive_number("penalty", self.penalty)
-        positive_int("n_centres", self.n_centres)
-        positive_int("maxiter", self.maxiter)
-        check_choice("solver", self.solver, SOLVERS)
-        check_choice("task", self.task, TASKS)
-        number_in("validation_fraction", self.validation_fraction, 0, 1, high_open=True)
-        make_preprocessor(self.preprocess)
-        resolve_dtype(self.dtype)
-        resolve_device(self.device)
-        if self.max_memory is not None:
-            positive_number("max_memory", self.max_memory)
-        check_random_state(self.random_state)
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"checkpoint_dir must be None or a path, got {type(self.checkpoint_dir).__name__}")
-        check_choice("channels_last", self.channels_last, ("auto", True, False))
-        check_bool("progress", self.progress)
+    def _check_params(self):
+        """Check every parameter of ``_PARAMS`` (one-line ValueError/TypeError) before any work."""
+        check_params(self._PARAMS, self)
 
     def _checkpoint_params(self):
         """The parameters a checkpoint must have been made with (all but progress and the folder)."""
@@ -158,11 +157,6 @@ class RFMEstimator(BaseEstimator):
         if not hasattr(self, self._FITTED[0]):
             raise RuntimeError(f"This {type(self).__name__} is not fitted yet: call fit(X, y) first")
 
-    def _codes(self, scores: torch.Tensor) -> np.ndarray:
-        """Class codes of decision values: the sign of a single ±1 score, else the argmax."""
-        codes = (scores[:, 0] > 0).long() if scores.shape[1] == 1 else scores.argmax(1)
-        return codes.cpu().numpy()
-
     @staticmethod
     def _output(values, like):
         """numpy for numpy (or other) input; a tensor on the input's device for torch input (class
@@ -183,20 +177,40 @@ class RFMEstimator(BaseEstimator):
         scores = self._scores(self._rows(X))
         if self.task_ == "regression":
             return self._output(scores.squeeze(1) if scores.shape[1] == 1 else scores, X)
-        return self._output(self.classes_[self._codes(scores)], X)
+        return self._output(self.classes_[decision_codes(scores)], X)
+
+    def _true_codes(self, y, n: int) -> np.ndarray:
+        """Codes of class labels ``y`` in ``classes_`` (labels or one-hot rows), −1 for a label
+        the model does not know."""
+        index = {label: i for i, label in enumerate(self.classes_.tolist())}
+        return np.array([index.get(v, -1) for v in class_labels(y, n, self.classes_).tolist()])
+
+    def evaluate(self, X, y) -> dict:
+        """Scores on images ``X`` with labels or targets ``y``
+        (:mod:`~falkon_convrfm.scoring`): classification: ``accuracy``, and ``confusion``, the
+        counts of true class i predicted as class j in the order of ``classes_`` (a label the
+        model does not know is a ValueError); regression: ``r2`` (pooled over outputs) and ``mse``."""
+        scores = self._scores(self._rows(X))
+        if self.task_ == "regression":
+            return self._regression_scores(scores, y)
+        true = self._true_codes(y, scores.shape[0])
+        if (true < 0).any():
+            labels = class_labels(y, scores.shape[0], self.classes_)
+            unknown = sorted({v for v, c in zip(labels.tolist(), true) if c < 0}, key=str)
+            raise ValueError(f"labels {unknown} of the data are not among the model's classes {self.classes_.tolist()}")
+        return class_scores(true, decision_codes(scores), len(self.classes_))
+
+    def _regression_scores(self, scores: torch.Tensor, y) -> dict:
+        return evaluate("regression", scores, encode_labels(y, scores.shape[0], "regression", scores.dtype)[0])
 
     def score(self, X, y) -> float:
-        """Accuracy (classification; ``y`` as labels of the kind given to ``fit``, or one-hot rows)
-        or R² = 1 − Σ(ŷ − y)² / Σ(y − ȳ)² (regression, pooled over outputs)."""
+        """Accuracy (classification; ``y`` as labels of the kind given to ``fit``, or one-hot rows;
+        a label the model does not know counts as an error) or R² = 1 − Σ(ŷ − y)² / Σ(y − ȳ)²
+        (regression, pooled over outputs)."""
         scores = self._scores(self._rows(X))
-        n = scores.shape[0]
         if self.task_ == "classification":
-            index = {label: i for i, label in enumerate(self.classes_.tolist())}
-            true = np.array([index.get(v, -1) for v in class_labels(y, n, self.classes_).tolist()])
-            return float(np.mean(self._codes(scores) == true))
-        pred = scores.squeeze(1) if scores.shape[1] == 1 else scores
-        Y = encode_labels(y, n, "regression", pred.dtype)[0].to(pred.device).reshape(pred.shape)
-        return 1 - ((pred - Y) ** 2).sum().item() / ((Y - Y.mean(0)) ** 2).sum().item()
+            return accuracy(self._true_codes(y, scores.shape[0]), decision_codes(scores))
+        return self._regression_scores(scores, y)["r2"]
 
     # ------------------------------------------------------------------ device
     def to(self, device):

@@ -5,6 +5,7 @@ Loop (iteration 0 is the fixed kernel):  fit f = K_M(·, centres) α  →  G = p
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -15,23 +16,15 @@ from tqdm.auto import tqdm
 from ._compat import resolve_device
 from .agop import agop_memory_budget, patch_agop
 from .base_kernels import BASE_KERNELS
-from .estimator import RFMEstimator, param_default
+from .estimator import SHARED_PARAMS, RFMEstimator
 from .kernel import ConvMahalanobisKernel, median_patch_distance
 from .metric import dc_direction, fixed_metric, spectrum_summary, update_metric
+from .params import AnyOf, Bandwidth, Factors, Flag, Integer, Interval, OddInteger, OneOf, Param, Positive, Shape, param_default, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint
+from .scoring import evaluate
 from .solvers import choose_solver, fit_kernel_machine, solver_options
-from .validation import (
-    check_base_kernel,
-    check_bool,
-    check_choice,
-    check_pool_window,
-    check_sigma,
-    number_in,
-    positive_int,
-    positive_number,
-    warn,
-)
+from .validation import warn
 
 CHECKPOINT_NAME = "convrfm_checkpoint.pt"
 DATA_ROWS = 512  # training rows that set the data-adaptive defaults (σ, DC weight)
@@ -76,18 +69,59 @@ def degeneracy(K: torch.Tensor, rtol: float = DEGENERATE_RTOL) -> str | None:
     return None
 
 
-def evaluate(task: str, scores: torch.Tensor, Y: torch.Tensor) -> dict:
-    """Metrics of decision values against targets: accuracy (classification; one-hot or ±1
-    targets) or mse and r2 (regression)."""
-    if task == "classification":
-        if scores.shape[1] == 1:  # binary ±1 coding
-            correct = (scores[:, 0] > 0) == (Y[:, 0] > 0)
-        else:
-            correct = scores.argmax(1) == Y.argmax(1)
-        return {"accuracy": correct.double().mean().item()}
-    mse = (scores - Y).pow(2).mean().item()
-    var = (Y - Y.mean(0)).pow(2).mean().item()
-    return {"mse": mse, "r2": 1 - mse / var if var > 0 else float("nan")}
+# ConvRFM's own parameters (defaults: ConvRFM's signature); it also has SHARED_PARAMS.
+CONVRFM_PARAMS = table(
+    Param("image_shape", Shape(), "(c, H, W) of flat-row input"),
+    Param("patch_size", Integer(1), "patch side q", "--patch-size", "Q"),
+    Param("stride", Integer(1), "patch stride", "--stride"),
+    Param("padding", Integer(0), "zero padding", "--padding"),
+    Param("pool_window", OddInteger(), "local pooling: compare each patch with the w×w neighbouring patches of "
+          "the other image", "--pool-window", "W"),
+    Param("kernel", OneOf(BASE_KERNELS), "base patch kernel", "--kernel"),
+    Param("sigma", Bandwidth(), "bandwidth, or 'median'", "--sigma"),
+    Param("agop_power", Positive(), "M = normalise(AGOP^P)", "--agop-power", "P"),
+    Param("agop_samples", Integer(1), "training images the AGOP is estimated on", "--agop-samples", "N"),
+    Param("iterations", Integer(0), "metric updates", "--iterations"),
+    Param("shrinkage", Interval(0, 1), "M ← (1 − λ) M + λ M_fixed"),
+    Param("dc_weight", AnyOf((Interval(0), OneOf(("auto", None)))),
+          "weight w >= 0 of the patch-brightness (DC) direction in M, 'auto' (decided from the data) or 'none' "
+          "(DC stays in the AGOP)", "--dc-weight", "W"),
+    Param("location_weights", Flag(), "weight locations by their AGOP share"),
+    Param("tune", Flag(), "choose σ and λ on the validation split"),
+    Param("sigma_grid", Factors(), "factors of sigma tried by tune"),
+    Param("penalty_grid", Factors(), "factors of penalty tried by tune"),
+    Param("loss", OneOf(("squared", "logistic")), "loss of the kernel machine"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedMetric:
+    """The metrics one ConvRFM learned (:meth:`ConvRFM.learned_metric`,
+    :meth:`~falkon_convrfm.DeepConvRFM.learned_metric`): M by iteration (a deep model's feature
+    layers keep only the best one), the per-iteration history, the kept iteration and the patch
+    geometry M acts on."""
+
+    name: str
+    metrics: dict
+    history: list
+    best: int
+    image_shape: tuple
+    patch_size: int
+    stride: int
+    padding: int
+
+    def location_share(self, iteration: int):
+        """(per-location AGOP share, description): the AGOP that produced M of ``iteration``
+        (for the fixed M of iteration 0, the AGOP of iteration 0's predictor)."""
+        source = max(iteration - 1, 0)
+        if "location_share" not in self.history[source]:
+            raise ValueError(f"{self.name} computed no AGOP (fitted with iterations=0)")
+        what = "fixed M's predictor" if iteration == 0 else f"iteration {source}, which gave M of iteration {iteration}"
+        return self.history[source]["location_share"], f"{self.name}: AGOP share per location ({what})"
+
+    def validation_scores(self, iteration: int) -> dict:
+        """The validation scores of ``iteration`` by name (``val_accuracy``, ``val_r2``, ...)."""
+        return {k: v for k, v in self.history[iteration].items() if k.startswith("val_")}
 
 
 class ConvRFM(RFMEstimator):
@@ -237,38 +271,11 @@ class ConvRFM(RFMEstimator):
                "classes_", "image_shape_", "task_", "sigma_", "penalty_", "dc_weight_", "tuning_", "seed_")
     _CHECKPOINT = CHECKPOINT_NAME
 
+    _PARAMS = {**SHARED_PARAMS, **CONVRFM_PARAMS}
+
     # ------------------------------------------------------------------ validation
     def _check_params(self):
-        self._check_shared_params()
-        if self.image_shape is not None and (
-            not isinstance(self.image_shape, (tuple, list)) or len(self.image_shape) != 3
-        ):
-            raise ValueError(f"image_shape must be None or (c, H, W), got {self.image_shape!r}")
-        for i, size in enumerate(self.image_shape or ()):
-            positive_int(f"image_shape[{i}]", size)
-        positive_int("patch_size", self.patch_size)
-        positive_int("stride", self.stride)
-        positive_int("padding", self.padding, minimum=0)
-        check_pool_window(self.pool_window)
-        check_base_kernel(self.kernel)
-        check_sigma(self.sigma, allow=("median",))
-        positive_number("agop_power", self.agop_power)
-        positive_int("agop_samples", self.agop_samples)
-        positive_int("iterations", self.iterations, minimum=0)
-        number_in("shrinkage", self.shrinkage, 0, 1)
-        if isinstance(self.dc_weight, str):
-            check_choice("dc_weight", self.dc_weight, ("auto",))
-        elif self.dc_weight is not None:
-            number_in("dc_weight", self.dc_weight, 0, math.inf)
-        check_bool("location_weights", self.location_weights)
-        check_bool("tune", self.tune)
-        for name in ("sigma_grid", "penalty_grid"):
-            grid = getattr(self, name)
-            if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__") or len(grid) == 0:
-                raise ValueError(f"{name} must be a non-empty sequence of positive factors, got {grid!r}")
-            for i, factor in enumerate(grid):
-                positive_number(f"{name}[{i}]", factor)
-        check_choice("loss", self.loss, ("squared", "logistic"))
+        super()._check_params()
         if self.solver == "falkon":
             choose_solver("falkon", resolve_device(self.device))  # Falkon missing: ImportError before any work
 
@@ -443,6 +450,13 @@ class ConvRFM(RFMEstimator):
         self._restore()
 
     # ------------------------------------------------------------------ fitted model
+    def learned_metric(self, name: str | None = None) -> LearnedMetric:
+        """The metric of every iteration, the history and the patch geometry (``name``: how to
+        call this model, by default its class name)."""
+        self._check_fitted()
+        return LearnedMetric(name or type(self).__name__, dict(enumerate(self.metrics_)), self.history_,
+                             self.best_iteration_, tuple(self.image_shape_), self.patch_size, self.stride, self.padding)
+
     def _device(self) -> torch.device:
         return self.alpha_.device
 

@@ -91,15 +91,6 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_base_kernel(name) -> str:
-    """The base kernel's name, or ValueError listing the registered ones."""
-    from .base_kernels import BASE_KERNELS
-
-    if not isinstance(name, str) or name not in BASE_KERNELS:
-        raise ValueError(f"Unknown base kernel {name!r}; choose one of {tuple(BASE_KERNELS)}")
-    return name
-
-
 def check_sigma(sigma, allow=()) -> float | str:
     """A bandwidth: a positive finite number, or one of the strings in ``allow`` (e.g. 'median')."""
     if isinstance(sigma, str) and sigma in allow:

@@ -13,7 +13,7 @@ from sklearn.model_selection import train_test_split
 
 import falkon_convrfm.cli as cli
 from falkon_convrfm import HAS_FALKON
-from falkon_convrfm.cli import build_parser, confusion_matrix, main
+from falkon_convrfm.cli import build_parser, main
 
 FIT = ["fit", "--dataset", "digits", "--n-train", "400", "--iterations", "1", "--centres", "300",
        "--agop-samples", "300", "--penalty", "1e-5", "--solver", "exact", "--quiet"]
@@ -312,8 +312,10 @@ def test_info_and_plan(capsys):
 
 
 def test_confusion_matrix():
-    C = confusion_matrix(np.array([0, 0, 1, 2]).tolist(), np.array([0, 1, 1, 2]).tolist(), [0, 1, 2])
-    assert C.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    from falkon_convrfm.scoring import class_scores
+
+    scores = class_scores(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)
+    assert scores["confusion"].tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]] and scores["accuracy"] == 0.75
 
 
 def test_missing_data_path_is_a_clear_error(capsys):
