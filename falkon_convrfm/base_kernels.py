@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - depends on the install
 # Squared distances below ROUNDING_FLOOR·eps·(‖u‖² + ‖v‖²) are GEMM rounding (laplace): counted as 0,
 # so identical patches give κ = 1 exactly instead of an O(√eps) error through the square root.
 ROUNDING_FLOOR = 16
+# The same floor in the float32 Triton kernel (a constexpr there): ROUNDING_FLOOR·eps(float32) = 16·2⁻²³.
+ROUNDING_FLOOR_FLOAT32 = ROUNDING_FLOOR * torch.finfo(torch.float32).eps
 # Distances (laplace) or sines (ntk) below this, relative to the patch scale, count as zero in the
 # gradient: the subgradient 0 there, and 1/distance stays finite.
 ZERO_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}
@@ -42,6 +44,9 @@ ZERO_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}
 
 def _triton_jit(fn):
     return triton.jit(fn) if HAS_TRITON else None
+
+
+_TRITON_ROUNDING_FLOOR = tl.constexpr(ROUNDING_FLOOR_FLOAT32) if HAS_TRITON else None
 
 
 def unit_rows(T: torch.Tensor):
@@ -179,7 +184,7 @@ class Laplace(DistanceKernel):
     @_triton_jit
     def triton_map(dot, nu, nv, param):
         sq = nu + nv - 2.0 * dot
-        sq = tl.where(sq <= 1.9073486328125e-06 * (nu + nv), 0.0, sq)  # ROUNDING_FLOOR·eps(float32)
+        sq = tl.where(sq <= _TRITON_ROUNDING_FLOOR * (nu + nv), 0.0, sq)
         return tl.exp(-tl.sqrt(sq) * param)
 
 
@@ -290,8 +295,13 @@ class NTK:
 BASE_KERNELS = {k.name: k() for k in (Laplace, Gaussian, NTK)}
 
 
+def check_base_kernel(name) -> str:
+    """The base kernel's name, or ValueError listing the registered ones."""
+    if not isinstance(name, str) or name not in BASE_KERNELS:
+        raise ValueError(f"Unknown base kernel {name!r}; choose one of {tuple(BASE_KERNELS)}")
+    return name
+
+
 def base_kernel(name: str):
     """The base kernel object registered under ``name`` (ValueError naming the choices)."""
-    from .validation import check_base_kernel
-
     return BASE_KERNELS[check_base_kernel(name)]
