@@ -477,6 +477,14 @@ def _add_data(p):
                    help="channel axis of npz images: (N, C, H, W) or (N, H, W, C) (default: auto, detected)")
 
 
+def _add_model_on_data(p):
+    """The options of a command that runs a saved model on data; returns ``p``."""
+    p.add_argument("--model", required=True, help="model.pt written by fit")
+    _add_data(p)
+    p.add_argument("--n", type=_integer(1), help="first N images only (default: all)")
+    return p
+
+
 def _add_debug(p, default):
     p.add_argument("--debug", action="store_true", default=default,
                    help="show the Python traceback of an error (default: one line)")
@@ -515,17 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars (the result is still printed)")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("predict", help="predict labels with a saved model", **kw)
-    p.add_argument("--model", required=True, help="model.pt written by fit")
-    _add_data(p)
-    p.add_argument("--n", type=_integer(1), help="first N images only (default: all)")
+    p = _add_model_on_data(sub.add_parser("predict", help="predict labels with a saved model", **kw))
     p.add_argument("--out", default="predictions.npy", help="predictions file, .npy or .csv")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="accuracy and confusion matrix of a saved model", **kw)
-    p.add_argument("--model", required=True, help="model.pt written by fit")
-    _add_data(p)
-    p.add_argument("--n", type=_integer(1), help="first N images only (default: all)")
+    p = _add_model_on_data(sub.add_parser("evaluate", help="accuracy and confusion matrix of a saved model", **kw))
     p.add_argument("--out", help="also write the figures to this .json file (default: none)")
     p.set_defaults(func=cmd_evaluate)
 

@@ -516,10 +516,8 @@ def make_local_signal(
     * ``"present_vs_absent"``: label 1 has a plus, label 0 is pure noise.
 
     Classes are balanced (n // 2 and n − n // 2) in random order. The default σ = 0.5 makes
-    plus-vs-cross (16×16) hard for a fixed kernel yet learnable: with 2000 training images, 5×5
-    Laplace / Gaussian convolutional kernels (identity metric) reach ~63–69 % test accuracy,
-    while the max over locations of the matched filters reaches ~99.6 % (~93 % at σ = 0.7).
-    ``random_state``: None, an int seed or a ``numpy.random.Generator``.
+    plus-vs-cross (16×16) hard for a fixed kernel yet learnable (docs/results.md, "The synthetic
+    local-signal task"). ``random_state``: None, an int seed or a ``numpy.random.Generator``.
     Returns images (n, channels, image_size, image_size) of ``dtype`` and labels (n,) int64.
     """
     if kind not in LOCAL_SIGNAL_PATTERNS:

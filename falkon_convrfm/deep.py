@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .estimator import SHARED_PARAMS, RFMEstimator
-from .memory import peak_rss
+from .memory import chunk_rows, memory_budget, peak_rss
 from .metric import psd_power
 from .params import AnyOf, Integer, OneOf, Param, check_params, param_default, table
 from .patches import PatchGeometry
@@ -104,8 +104,8 @@ def map_rows(rows, image_shape, filters, spec: LayerSpec, max_memory=None):
     out_shape = (filters.shape[0], ho // (spec.pool or 1), wo // (spec.pool or 1))
     if min(out_shape[1:]) < 1:
         raise ValueError(f"pooling {spec.pool} leaves no pixels of the {ho}×{wo} maps")
-    per_image = (c * H * W + 2 * filters.shape[0] * ho * wo) * rows.element_size()
-    chunk = rows.shape[0] if max_memory is None else max(1, int(max_memory // per_image))
+    per_image = c * H * W + 2 * filters.shape[0] * ho * wo  # elements: the input and two maps
+    chunk = chunk_rows(memory_budget(max_memory), {"n": per_image}, rows.shape[0], 0, rows.element_size())
     out = rows.new_empty(rows.shape[0], int(np.prod(out_shape)))
     for i in range(0, rows.shape[0], chunk):
         out[i : i + chunk] = conv_feature_map(rows[i : i + chunk].reshape(-1, c, H, W), filters, spec).flatten(1)
@@ -118,15 +118,19 @@ class DeepConvRFM(RFMEstimator):
 
     Parameters
     ----------
-    layers : sequence of :class:`LayerSpec` (or dicts of its fields), one per feature map.
-    final : dict of :class:`ConvRFM` parameters for the classifier on the last maps (patch
-        geometry, pool_window, kernel, sigma, iterations, ...; ConvRFM's defaults otherwise).
-        Shared settings below fill in the rest.
+    layers : sequence of LayerSpec or dict, default (LayerSpec(),)
+        One :class:`LayerSpec` (or a dict of its fields) per feature map.
+    final : dict or None, default None
+        :class:`ConvRFM` parameters for the classifier on the last maps (patch geometry,
+        pool_window, kernel, sigma, iterations, ...; ConvRFM's defaults otherwise). Shared
+        settings below fill in the rest.
     penalty, n_centres, solver, task, maxiter, validation_fraction, preprocess, dtype, device, max_memory, random_state, channels_last, progress
-        As in :class:`ConvRFM` (same defaults), for every layer (preprocessing is applied once,
-        to the input images; ``random_state=None`` draws one seed for the whole model).
-    checkpoint_dir : state is saved after every layer (and inside each layer's ConvRFM), so an
-        interrupted fit resumes at the layer and iteration where it stopped.
+        As in :class:`ConvRFM` (same types and defaults, the rules of ``SHARED_PARAMS``), for
+        every layer (preprocessing is applied once, to the input images; ``random_state=None``
+        draws one seed for the whole model).
+    checkpoint_dir : str, path or None, default None
+        State is saved after every layer (and inside each layer's ConvRFM), so an interrupted fit
+        resumes at the layer and iteration where it stopped.
 
     Attributes
     ----------

@@ -46,11 +46,27 @@ class Rule:
         return ValueError(f"expected {_join(self.words())}, got {text!r}")
 
 
+class _Number(Rule):
+    """A number of type ``kind`` (bools refused), read from text by ``read``."""
+
+    kind, read = numbers.Real, float
+
+    def admits(self, value):
+        return isinstance(value, self.kind) and not isinstance(value, bool)
+
+    def parse(self, text):
+        try:
+            return self.read(text)
+        except ValueError:
+            return self.check("value", text)  # raises, naming what was expected
+
+
 @dataclasses.dataclass(frozen=True)
-class Integer(Rule):
-    """An integer ≥ ``minimum`` (bools refused)."""
+class Integer(_Number):
+    """An integer ≥ ``minimum``."""
 
     minimum: int = 1
+    kind, read = numbers.Integral, int
 
     def check(self, name, value):
         return positive_int(name, value, self.minimum)
@@ -58,18 +74,9 @@ class Integer(Rule):
     def words(self):
         return [f"an integer >= {self.minimum}"]
 
-    def admits(self, value):
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    def parse(self, text):
-        try:
-            return int(text)
-        except ValueError:
-            return self.check("value", text)  # raises, naming what was expected
-
 
 @dataclasses.dataclass(frozen=True)
-class Positive(Rule):
+class Positive(_Number):
     """A finite number > 0."""
 
     def check(self, name, value):
@@ -77,15 +84,6 @@ class Positive(Rule):
 
     def words(self):
         return ["a positive number"]
-
-    def admits(self, value):
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-    def parse(self, text):
-        try:
-            return float(text)
-        except ValueError:
-            return self.check("value", text)  # raises, naming what was expected
 
 
 @dataclasses.dataclass(frozen=True)

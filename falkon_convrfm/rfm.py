@@ -29,7 +29,7 @@ from .validation import warn
 CHECKPOINT_NAME = "convrfm_checkpoint.pt"
 DATA_ROWS = 512  # training rows that set the data-adaptive defaults (σ, DC weight)
 AUTO_DC_SHARE = 0.5  # dc_weight="auto" handles DC when it carries at least this share of patch distances²
-AUTO_DC_WEIGHT = 0.2  # ... and then gives it this weight (DESIGN.md §5, docs/results.md)
+AUTO_DC_WEIGHT = 0.2  # ... and then gives it this weight (docs/results.md, "Defaults")
 DEGENERATE_ROWS = 256  # training rows of the iteration-0 degeneracy check
 DEGENERATE_RTOL = 1e-6  # off-diagonal / diagonal (numerically diagonal) or spread / scale (constant)
 
@@ -41,8 +41,7 @@ def dc_distance_share(T: torch.Tensor) -> float:
 
     over consecutive rows i and every location p of patches T (P, n, d) (the pairs of
     :func:`~falkon_convrfm.kernel.median_patch_distance`). White noise gives s ≈ 1/d; natural
-    images, whose neighbouring pixels move together, give s ≫ 1/d (CIFAR-10, standardised: 0.79
-    for 3×3 patches, 0.68 for 5×5).
+    images, whose neighbouring pixels move together, give s ≫ 1/d (measured: docs/results.md).
     """
     D = (T[:, 1:] - T[:, :-1]).double()
     total = D.pow(2).sum().item()
@@ -129,66 +128,99 @@ class ConvRFM(RFMEstimator):
 
     Parameters
     ----------
-    image_shape : (c, H, W) or None
-        Needed only when ``fit`` gets flat rows; inferred from 4-D / 3-D image input.
-    patch_size, stride, padding : patch geometry of the kernel.
-    pool_window : odd w ≥ 1. Local pooling: patch p of one image is compared with the patches in
-        the w×w window around p in the other (see :class:`ConvMahalanobisKernel`); 1 (default) is
-        the aligned kernel; the cost grows as w².
-    kernel : ``"laplace"`` (default), ``"gaussian"`` or ``"ntk"``.
-    sigma : bandwidth, or ``"median"`` (default): the median aligned-patch distance in the
-        iteration-0 metric, measured on ``DATA_ROWS`` random training rows after preprocessing
-        (the grid of ``tune`` multiplies it). A number is taken as given; the fit warns (once)
-        when it makes the iteration-0 kernel numerically diagonal (σ far too small: every image
-        looks unrelated to every other) or constant (σ far too large), naming the median value.
-    penalty : ridge λ (Falkon's convention, multiplied by n).
-    n_centres : Nyström centres of ``solver='falkon'`` / ``'nystrom'`` (the same rows at every
-        iteration). The exact solver uses every training row: a value other than the default
-        then warns, as does one above the number of training rows.
-    iterations : number of metric updates T (T + 1 fits).
-    agop_power : M ← normalise(G^power); 1 as in the original ConvRFM, 1/2 as in later RFMs.
-    agop_samples : training rows on which the AGOP is estimated (default 10 000).
-    dc_weight : ``"auto"`` (default), None or a float w ≥ 0. None keeps the patch-brightness (DC)
-        direction in G. A float w projects DC out of G and gives it the fixed weight w in M (also
-        in the iteration-0 metric), see :func:`falkon_convrfm.metric.update_metric`. ``"auto"``
-        measures the share of the squared patch distances that lies along DC
-        (:func:`dc_distance_share`, after preprocessing) and uses w = 0.2 when it is ≥ 0.5
-        (natural images: CIFAR-10 0.68–0.79, where w = 0.2 gains over None), else None (noise-like
-        or sparse images, where DC handling loses); ``dc_weight_`` holds the choice.
-    shrinkage : λ ∈ [0, 1]; M ← (1 − λ) M + λ M_fixed.
-    location_weights : if True, set ω_p ∝ tr_p^agop_power (where the model looks) at each update.
-    solver : ``"auto"``, ``"falkon"``, ``"exact"`` or ``"nystrom"`` (Nyström by a direct solve, on
-        any device). ``"auto"``: on the CPU Falkon when installed, else exact; on CUDA Falkon when
-        its CUDA extension works, else nystrom (:func:`~falkon_convrfm.solvers.choose_solver`).
-    loss : ``"squared"`` (one-hot ridge regression) or ``"logistic"`` (binary, LogisticFalkon).
-    task : ``"auto"`` (labels of any hashable kind — integers, strings — and one-hot rows →
-        classification; non-integer floats → regression, with a warning), or explicit; see
-        :func:`~falkon_convrfm.validation.resolve_task`.
-    validation_fraction : share of the training data held out (stratified) to select the best
-        iterate when ``fit`` is not given validation data. Test data is never needed.
-    preprocess : ``"standardize"`` (default: per-channel mean 0 and variance 1), None or ``"zca"``
-        (standardise, then ZCA whitening of whole images), fitted on the training split and applied
-        again by ``predict``.
-    tune : choose σ and λ on the validation split at iteration 0 from ``sigma_grid`` ×
+    image_shape : tuple of 3 int or None, default None
+        (c, H, W); needed only when ``fit`` gets flat rows, inferred from 4-D / 3-D image input.
+    patch_size : int, default 3
+        Patch side q.
+    stride : int, default 1
+        Patch stride.
+    padding : int, default 0
+        Zero padding.
+    pool_window : int, default 1
+        Odd w ≥ 1. Local pooling: patch p of one image is compared with the patches in the w×w
+        window around p in the other (see :class:`ConvMahalanobisKernel`); 1 is the aligned
+        kernel; the cost grows as w².
+    kernel : {"laplace", "gaussian", "ntk"}, default "laplace"
+        Base patch kernel.
+    sigma : float or "median", default "median"
+        Bandwidth. ``"median"``: the median aligned-patch distance in the iteration-0 metric,
+        measured on ``DATA_ROWS`` random training rows after preprocessing (the grid of ``tune``
+        multiplies it). A number is taken as given; the fit warns (once) when it makes the
+        iteration-0 kernel numerically diagonal (σ far too small: every image looks unrelated to
+        every other) or constant (σ far too large), naming the median value.
+    penalty : float, default 1e-06
+        Ridge λ (Falkon's convention, multiplied by n).
+    n_centres : int, default 2000
+        Nyström centres of ``solver='falkon'`` / ``'nystrom'`` (the same rows at every iteration).
+        The exact solver uses every training row: a value other than the default then warns, as
+        does one above the number of training rows.
+    iterations : int, default 3
+        Number of metric updates T (T + 1 fits).
+    agop_power : float, default 1.0
+        M ← normalise(G^power); 1 as in the original ConvRFM, 1/2 as in later RFMs.
+    agop_samples : int, default 10000
+        Training rows on which the AGOP is estimated.
+    dc_weight : "auto", None or float, default "auto"
+        None keeps the patch-brightness (DC) direction in G. A float w ≥ 0 projects DC out of G
+        and gives it the fixed weight w in M (also in the iteration-0 metric), see
+        :func:`falkon_convrfm.metric.update_metric`. ``"auto"`` measures the share of the squared
+        patch distances that lies along DC (:func:`dc_distance_share`, after preprocessing) and
+        uses w = ``AUTO_DC_WEIGHT`` (0.2) when it is ≥ ``AUTO_DC_SHARE`` (0.5, natural images),
+        else None (noise-like or sparse images); why: docs/results.md ("Defaults").
+        ``dc_weight_`` holds the choice.
+    shrinkage : float, default 0.0
+        λ ∈ [0, 1]; M ← (1 − λ) M + λ M_fixed.
+    location_weights : bool, default False
+        If True, set ω_p ∝ tr_p^agop_power (where the model looks) at each update.
+    solver : {"auto", "falkon", "exact", "nystrom"}, default "auto"
+        ``"nystrom"``: Nyström by a direct solve, on any device. ``"auto"``: on the CPU Falkon
+        when installed, else exact; on CUDA Falkon when its CUDA extension works, else nystrom
+        (:func:`~falkon_convrfm.solvers.choose_solver`).
+    loss : {"squared", "logistic"}, default "squared"
+        One-hot ridge regression, or binary LogisticFalkon.
+    task : {"auto", "classification", "regression"}, default "auto"
+        ``"auto"``: labels of any hashable kind (integers, strings) and one-hot rows →
+        classification; non-integer floats → regression, with a warning; see
+        :func:`~falkon_convrfm.inputs.resolve_task`.
+    validation_fraction : float, default 0.1
+        Share of the training data held out (stratified) to select the best iterate when
+        ``fit`` is not given validation data, in [0, 1). Test data is never needed.
+    preprocess : {"standardize", None, "zca"}, default "standardize"
+        Per-channel mean 0 and variance 1; none; or standardise, then ZCA whitening of whole
+        images. Fitted on the training split and applied again by ``predict``.
+    tune : bool, default False
+        Choose σ and λ on the validation split at iteration 0 from ``sigma_grid`` ×
         ``penalty_grid`` (factors applied to ``sigma`` / ``penalty``).
-    maxiter : conjugate-gradient iterations of Falkon.
-    dtype : ``"float32"`` or ``"float64"``.
-    device : ``"cpu"`` or ``"cuda"``: where the fit runs and the fitted model predicts
+    sigma_grid : tuple of float, default (0.5, 1.0, 2.0)
+        Factors of σ tried by ``tune``.
+    penalty_grid : tuple of float, default (0.1, 1.0, 10.0)
+        Factors of λ tried by ``tune``.
+    maxiter : int, default 20
+        Conjugate-gradient iterations of Falkon.
+    dtype : {"float32", "float64"}, default "float32"
+        Floating-point precision.
+    device : str, default "cpu"
+        ``"cpu"`` or ``"cuda"``: where the fit runs and the fitted model predicts
         (``to(device)`` moves a fitted model).
-    max_memory : bytes allowed for kernel blocks, K_nm storage and AGOP chunks (None: Falkon's
-        default for the solver, 1 GiB of AGOP chunks); the AGOP's share is
-        :func:`agop_memory_budget`.
-    random_state : int seed of the split, centres and AGOP rows; None: a fresh seed (see
+    max_memory : float or None, default None
+        Bytes allowed for kernel blocks, K_nm storage and AGOP chunks (None: Falkon's default for
+        the solver, 1 GiB of AGOP chunks); the AGOP's share is :func:`agop_memory_budget`.
+    random_state : int or None, default None
+        Seed of the split, centres and AGOP rows; None: a fresh seed (see
         :mod:`falkon_convrfm.estimator`).
-    checkpoint_dir : if set, state is saved after every iteration and an interrupted ``fit``
-        with the same data and parameters resumes from it.
-    channels_last : ``"auto"`` (detect (n, H, W, c) arrays; an ambiguous shape is an error), True
-        (images are (n, H, W, c)) or False ((n, c, H, W)); see
-        :func:`~falkon_convrfm.validation.channels_last_layout`.
-    progress : tqdm progress bars.
+    checkpoint_dir : str, path or None, default None
+        If set, state is saved after every iteration and an interrupted ``fit`` with the same
+        data and parameters resumes from it.
+    channels_last : {"auto", True, False}, default "auto"
+        ``"auto"``: detect (n, H, W, c) arrays (an ambiguous shape is an error); True: images are
+        (n, H, W, c); False: (n, c, H, W); see :func:`~falkon_convrfm.inputs.channels_last_layout`.
+    progress : bool, default True
+        tqdm progress bars.
 
-    ``predict`` and ``decision_function`` return numpy arrays for numpy input and tensors for
-    torch input; ``save``/``load`` write and read tensors and plain data only.
+    The rules of these parameters (types, ranges, choices) are declared once, in
+    ``SHARED_PARAMS`` (:mod:`falkon_convrfm.estimator`) and ``CONVRFM_PARAMS``. ``predict`` and
+    ``decision_function`` return numpy arrays for numpy input and tensors for torch input;
+    ``save``/``load`` write and read tensors and plain data only.
 
     Attributes
     ----------
