@@ -8,11 +8,11 @@ import math
 import torch
 
 from ._compat import KernelOptions, merge_options
+from .memory import memory_budget
 
 
 def _budget_elements(opt, X: torch.Tensor) -> float:
-    budget = opt.max_gpu_mem if X.device.type == "cuda" else opt.max_cpu_mem
-    return budget / X.element_size()
+    return memory_budget(opt, X.device) / X.element_size()
 
 
 def plan_blocks(n: int, m: int, extra: dict, budget: float, full_m: bool = False):

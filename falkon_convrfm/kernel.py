@@ -7,21 +7,22 @@ x_p ↦ Lᵀx_p (a conv2d of the image with Lᵀ), and κ is the Euclidean formu
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._compat import HAS_FALKON, FalkonKernelBase, make_options
 from ._standalone import StandaloneKernel
 from .base_kernels import base_kernel
 from .metric import as_metric, metric_factor
-from .ops import choose_backend, conv_kernel_diag, conv_kernel_matrix, dense_memory, keops_conv_mmv, keops_memory
-from .ops.backends import BACKENDS
-from .ops.keops import rows_within
+from .memory import chunk_rows, memory_budget
+from .ops import BACKEND_CHOICES, BACKENDS, BackendOptions, choose_backend, conv_kernel_diag
+from .ops.dense import TORCH
 from .ops.pooling import location_pairs, window_memory, window_sum
 from .patches import PatchGeometry
 from .validation import as_tensor, check_finite, check_pool_window, check_sigma
 
 _KernelBase = FalkonKernelBase if HAS_FALKON else StandaloneKernel
-PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def location_weights(weights, num_locations: int) -> torch.Tensor:
@@ -46,10 +47,10 @@ def median_patch_distance(T: torch.Tensor) -> float:
 
 def kernel_memory(num_locations: int, rank: int, pool_window: int = 1) -> dict:
     """Elements one ``compute`` call allocates, in Falkon's ``extra_mem`` form: the torch backend's
-    (:func:`~falkon_convrfm.ops.dense_memory`), which bound the Triton backend's too, plus for a
-    pooling window its gathered patches and output block
+    (:func:`~falkon_convrfm.ops.dense.dense_memory`), which bound the Triton backend's too, plus
+    for a pooling window its gathered patches and output block
     (:func:`~falkon_convrfm.ops.pooling.window_memory`)."""
-    memory = dense_memory(num_locations, rank)
+    memory = TORCH.memory(num_locations, rank)
     if pool_window > 1:
         for key, value in window_memory(num_locations, rank).items():
             memory[key] = memory.get(key, 0) + value
@@ -91,36 +92,23 @@ class ConvMahalanobisKernel(_KernelBase):
         default) is the aligned kernel; the cost grows as w².
     """
 
-    def __init__(
-        self,
-        M=None,
-        image_shape=(3, 32, 32),
-        patch_size: int = 3,
-        stride: int = 1,
-        padding: int = 0,
-        kernel: str = "laplace",
-        sigma: float = 1.0,
-        weights=None,
-        opt=None,
-        backend: str = "auto",
-        precision: str = "ieee",
-        pool_window: int = 1,
-    ):
+    def __init__(self, M=None, image_shape=(3, 32, 32), patch_size: int = 3, stride: int = 1, padding: int = 0,
+                 kernel: str = "laplace", sigma: float = 1.0, weights=None, opt=None, backend: str = "auto",
+                 precision: str = "ieee", pool_window: int = 1):
         super().__init__("ConvMahalanobis", opt if opt is not None else make_options())
         self.base = base_kernel(kernel)
         if self.base.uses_sigma:
             check_sigma(sigma)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        self.options = BackendOptions(precision=precision)
         self.geometry = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
         self.pool_window = check_pool_window(pool_window)
         self._partners = self.geometry.window_partners(self.pool_window) if self.pool_window > 1 else None
         d = self.geometry.patch_dim
         self.base_kernel = kernel
         self.sigma = float(sigma)
-        self.backend, self.precision = backend, precision
+        self.backend = backend
         self.metric = torch.eye(d, dtype=torch.float64) if M is None else as_metric(M, d)
         self.factor = metric_factor(self.metric)
         self.weights = location_weights(weights, self.geometry.num_locations)
@@ -149,10 +137,11 @@ class ConvMahalanobisKernel(_KernelBase):
         factor, _ = self.factor_and_weights(X)
         return self.geometry.transformed_patches(X, factor)
 
-    def backend_for(self, X: torch.Tensor, opt=None) -> str:
-        """The backend that evaluates this kernel on data like ``X`` (see ``backend``)."""
+    def backend_for(self, X: torch.Tensor, opt=None):
+        """The backend (:class:`~falkon_convrfm.ops.Backend`) that evaluates this kernel on data
+        like ``X`` (see ``backend``)."""
         mode = getattr(opt if opt is not None else self.params, "keops_active", "auto")
-        return choose_backend(self.backend, X.device.type, X.dtype, mode)
+        return BACKENDS[choose_backend(self.backend, X.device.type, X.dtype, mode)]
 
     def _check(self, **tensors) -> dict:
         """Convert and validate data arguments: image rows, dtypes, devices, finiteness."""
@@ -199,18 +188,15 @@ class ConvMahalanobisKernel(_KernelBase):
         """Fill ``out`` with K(X1, X2) (or its diagonal) for one block of rows, in place."""
         _, weights = self.factor_and_weights(X1)
         T1, T2 = self.patch_features(X1), self.patch_features(X2)
-        base, sigma = self.base, self.sigma
+        base, sigma, options = self.base, self.sigma, self.options
         if diag:
             def aligned(A, B, w, o):
                 return conv_kernel_diag(A, B, base, sigma, w)
-        elif self.backend_for(X1) == "triton":
-            from .ops.triton import triton_conv_matrix
+        else:
+            matrix = self.backend_for(X1).matrix
 
             def aligned(A, B, w, o):
-                return triton_conv_matrix(A, B, base, sigma, w, out=o, precision=self.precision)
-        else:
-            def aligned(A, B, w, o):
-                return conv_kernel_matrix(A, B, base, sigma, w, out=o)
+                return matrix(A, B, base, sigma, w, options, out=o)
         result = self._pooled(aligned, T1, T2, weights, out if out.is_contiguous() and not diag else None)
         return result if result is out else out.copy_(result.reshape(out.shape))
 
@@ -222,47 +208,40 @@ class ConvMahalanobisKernel(_KernelBase):
         return kernel_memory(self.geometry.num_locations, self.factor.shape[1], self.pool_window)
 
     def _decide_mmv_impl(self, X1, X2, v, opt):
-        if self.backend_for(X1, opt) != "torch":
-            return self._direct_mmv
-        return super()._decide_mmv_impl(X1, X2, v, opt)
+        backend = self.backend_for(X1, opt)
+        if backend.mmv is None:
+            return super()._decide_mmv_impl(X1, X2, v, opt)
+        return functools.partial(self._direct_mmv, backend=backend)
 
     def _decide_dmmv_impl(self, X1, X2, v, w, opt):
-        if self.backend_for(X1, opt) != "torch":
-            return self._direct_dmmv
-        return super()._decide_dmmv_impl(X1, X2, v, w, opt)
+        backend = self.backend_for(X1, opt)
+        if backend.mmv is None:
+            return super()._decide_dmmv_impl(X1, X2, v, w, opt)
+        return functools.partial(self._direct_dmmv, backend=backend)
 
-    def _direct_mmv(self, X1, X2, v, kernel=None, out=None, opt=None, **_):
-        """K(X1, X2) v without materialising K (Triton or KeOps), in row chunks of X1 whose
-        temporaries fit ``max_gpu_mem`` / ``max_cpu_mem``."""
+    def _direct_mmv(self, X1, X2, v, backend, out=None, opt=None, **_):
+        """K(X1, X2) v by ``backend.mmv``, without materialising K, in row chunks of X1 whose
+        temporaries (``backend.memory``) fit ``max_gpu_mem`` / ``max_cpu_mem``."""
         _, weights = self.factor_and_weights(X1)
-        budget = opt.max_gpu_mem if X1.device.type == "cuda" else opt.max_cpu_mem
         T2 = self.patch_features(X2)
-        P, r = T2.shape[0], T2.shape[2]
-        base, sigma = self.base, self.sigma
-        if self.backend_for(X1, opt) == "keops":
-            def aligned(A, B, w, o):
-                return keops_conv_mmv(A, B, v, base, sigma, w, budget)
-
-            res = self._pooled(aligned, self.patch_features(X1), T2, weights)
-            return res if out is None else out.copy_(res)
-        from .ops.triton import triton_conv_mmv, triton_memory
+        base, sigma, options = self.base, self.sigma, self.options
 
         def aligned(A, B, w, o):
-            return triton_conv_mmv(A, B, v, base, sigma, w, precision=self.precision)
+            return backend.mmv(A, B, v, base, sigma, w, options)
 
-        n, m, itemsize = X1.shape[0], X2.shape[0], X1.element_size()
-        memory = triton_memory(n, m, P, r, v.shape[1])
-        rows = rows_within(budget - (memory["m"] * m + memory["0"]) * itemsize, memory, n, itemsize)
+        n, m = X1.shape[0], X2.shape[0]
+        memory = backend.memory(T2.shape[0], T2.shape[2], v.shape[1])
+        rows = chunk_rows(memory_budget(opt, X1.device), memory, n, m, X1.element_size())
         out = X1.new_empty(n, v.shape[1]) if out is None else out
         for i0 in range(0, n, rows):
             out[i0 : i0 + rows] = self._pooled(aligned, self.patch_features(X1[i0 : i0 + rows]), T2, weights)
         return out
 
-    def _direct_dmmv(self, X1, X2, v, w, kernel=None, out=None, opt=None, **_):
+    def _direct_dmmv(self, X1, X2, v, w, backend, out=None, opt=None, **_):
         """K(X1, X2)ᵀ (K(X1, X2) v + w) as two direct products (K(X1, X2)ᵀ = K(X2, X1))."""
-        inner = self._direct_mmv(X1, X2, v, opt=opt) if v is not None else 0
+        inner = self._direct_mmv(X1, X2, v, backend, opt=opt) if v is not None else 0
         inner = inner + w if w is not None else inner
-        return self._direct_mmv(X2, X1, inner, out=out, opt=opt)
+        return self._direct_mmv(X2, X1, inner, backend, out=out, opt=opt)
 
     def extra_repr(self) -> str:
         g = self.geometry

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .agop import agop_memory, agop_memory_budget
 from .kernel import kernel_memory
+from .memory import memory_budget
 from .solvers import DEFAULT_BLOCK_MEMORY
 from .patches import PatchGeometry
 
@@ -44,7 +45,7 @@ def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, paddi
     def solver_phases(m: int) -> dict:
         blocks = kernel_temporaries(geo, n, m, r, s, pool_window)
         if solver == "nystrom":  # A = K_nmᵀK_nm + nλK_mm and its Cholesky factor, one K_nm row block
-            budget = DEFAULT_BLOCK_MEMORY if block_budget is None else block_budget
+            budget = memory_budget(block_budget, default=DEFAULT_BLOCK_MEMORY)
             return {"normal equations": 2 * m * m * 8, "K_nm block": int(min(n * m * (s + 16) + blocks, budget))}
         return {"K_nm (stored)": n * m * s, "preconditioner": 2 * m * m * s,
                 "kernel blocks": blocks if block_budget is None else min(blocks, int(block_budget))}

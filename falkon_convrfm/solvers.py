@@ -5,30 +5,22 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import warnings
+import functools
 
 import torch
 
 from . import _compat
 from ._compat import make_options
 from ._standalone import plan_blocks
-from .validation import positive_number
+from .memory import memory_budget
+from .validation import positive_number, warn
 
 SOLVERS = ("auto", "falkon", "exact", "nystrom")
 DEFAULT_BLOCK_MEMORY = 2**30  # bytes for one row block of K_nm in the Nyström solver
 NYSTROM_JITTERS = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6)  # relative to tr(A)/m, tried in order
 PRECONDITIONER_JITTER_STEPS = (1.0, 1e2, 1e4)  # × Falkon's pc_epsilon, tried in order
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """``warnings.warn(message)`` the first time this message comes up in the process."""
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
-
+# validation.warn, once per process for each message (the solver's fallbacks repeat every fit)
+warn_once = functools.lru_cache(maxsize=None)(warn)
 
 # ---------------------------------------------------------------------- linear algebra
 def _numerically_pd_cholesky(A: torch.Tensor):
@@ -62,11 +54,8 @@ def solve_psd(A: torch.Tensor, B: torch.Tensor, name: str, hint: str, jitters=()
         L = _numerically_pd_cholesky(A)
         if L is not None:
             if eps:
-                warnings.warn(
-                    f"{name} is not numerically positive definite; solved with jitter {eps:g}·tr/m = "
-                    f"{added:.3g} added to its diagonal",
-                    stacklevel=2,
-                )
+                warn(f"{name} is not numerically positive definite; solved with jitter {eps:g}·tr/m = "
+                     f"{added:.3g} added to its diagonal")
             return torch.cholesky_solve(B.reshape(m, -1).to(A.device, torch.float64), L)
     tried = f" (also with jitter up to {jitters[-1]:g}·tr/m)" if jitters else ""
     raise ValueError(f"{name} is not positive definite{tried}: {hint}")
@@ -194,7 +183,7 @@ def choose_solver(requested: str, device) -> str:
     ok, reason = _compat.falkon_cuda_status()
     if ok:
         return "falkon"
-    _warn_once(f"solver='auto' on CUDA: Falkon cannot run there ({reason}); using solver='nystrom' instead")
+    warn_once(f"solver='auto' on CUDA: Falkon cannot run there ({reason}); using solver='nystrom' instead")
     return "nystrom"
 
 
@@ -211,14 +200,6 @@ def solver_options(max_memory=None, device: str = "cpu", **overrides):
         opts.update(store_kernel_d_threshold=0, no_single_kernel=False, use_cpu=(device == "cpu"))
     opts.update(overrides)
     return make_options(**opts)
-
-
-def _options_block_memory(options, device: torch.device) -> float:
-    """The memory budget of ``options`` for ``device`` (``max_gpu_mem``/``max_cpu_mem``) when it is
-    finite, else :data:`DEFAULT_BLOCK_MEMORY`."""
-    field = "max_gpu_mem" if device.type == "cuda" else "max_cpu_mem"
-    budget = getattr(options, field, math.inf) if options is not None else math.inf
-    return float(budget) if math.isfinite(budget) else DEFAULT_BLOCK_MEMORY
 
 
 def _is_cholesky_failure(exc: Exception) -> bool:
@@ -245,7 +226,7 @@ def _falkon_fit(kernel, X, Y, centre_idx, penalty, loss, maxiter, options):
             failure = exc
             continue
         if step != 1.0:
-            _warn_once(f"Falkon's preconditioner needed {step:g}× its default jitter (pc_epsilon) to factorise "
+            warn_once(f"Falkon's preconditioner needed {step:g}× its default jitter (pc_epsilon) to factorise "
                        f"K_mm ({len(centre_idx)} centres, {X.dtype}); CG may need more iterations (maxiter={maxiter})")
         return result
     raise RuntimeError(
@@ -314,13 +295,13 @@ def fit_kernel_machine(
             reason = f"Falkon's compiled extension failed to load ({type(exc).__name__}: {exc})"
             if loss != "squared":
                 raise RuntimeError(f"{reason}; loss='logistic' needs a working Falkon") from exc
-            _warn_once(f"{reason}; using solver='nystrom' instead")
+            warn_once(f"{reason}; using solver='nystrom' instead")
             solver = "nystrom"
     if loss != "squared":
         raise ValueError(f"the {solver} solver supports the squared loss only; use solver='falkon'")
     if solver == "exact":
         return X, exact_ridge_fit(kernel, X, Y, penalty)
     if block_memory is None:
-        block_memory = _options_block_memory(options, X.device)
+        block_memory = memory_budget(options, X.device, default=DEFAULT_BLOCK_MEMORY)
     idx = _check_centre_idx(centre_idx, X.shape[0])
     return X[idx.to(X.device)], nystrom_ridge_fit(kernel, X, Y, idx, penalty, block_memory)

@@ -14,6 +14,7 @@ of length c·q² in (channel, row, col) order, and locations are enumerated row-
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -120,6 +121,28 @@ def conv_kernel(
             for p in range(P):
                 total += w[p] * patch_kernel(p1[p], p2[p], M, kind, sigma)
             K[i, j] = total
+    return K
+
+
+def pooled_conv_kernel(X1, X2, image_shape, q: int, stride: int, padding: int, window: int, kind: str,
+                       sigma: float, M, weights) -> np.ndarray:
+    """K (n, m) with a w×w pooling window, by loops over rows, locations and window offsets:
+    K_ij = Σ_p Σ_{δ, p+δ on the grid} ω_{p,p+δ} κ(X1_i,p, X2_j,p+δ), ω_{pq} = (ω_p + ω_q)/2 (float64;
+    window 1 is :func:`conv_kernel`)."""
+    ho, wo = out_shape(image_shape, q, stride, padding)
+    h = window // 2
+    M, weights = _as_float64(M), _as_float64(weights).reshape(-1)
+    P1 = [extract_patches(x, image_shape, q, stride, padding) for x in _as_float64(X1)]
+    P2 = [extract_patches(z, image_shape, q, stride, padding) for z in _as_float64(X2)]
+    K = np.zeros((len(P1), len(P2)))
+    for i, j in itertools.product(range(len(P1)), range(len(P2))):
+        total = 0.0
+        for a, b in itertools.product(range(ho), range(wo)):
+            for di, dj in itertools.product(range(-h, h + 1), repeat=2):
+                if 0 <= a + di < ho and 0 <= b + dj < wo:
+                    p, qq = a * wo + b, (a + di) * wo + (b + dj)
+                    total += 0.5 * (weights[p] + weights[qq]) * patch_kernel(P1[i][p], P2[j][qq], M, kind, sigma)
+        K[i, j] = total
     return K
 
 

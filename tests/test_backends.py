@@ -18,7 +18,7 @@ SEGFAULT = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signa
 def fresh_probe(monkeypatch, tmp_path):
     """A private probe cache, warnings not yet given, pykeops 'importable' and Triton absent."""
     monkeypatch.setenv("FALKON_CONVRFM_CACHE", str(tmp_path))
-    monkeypatch.setattr(backends, "_WARNED", set())
+    backends.keops_health.cache_clear()
     monkeypatch.setattr(backends, "keops_importable", lambda: True)
     monkeypatch.setattr(backends, "triton_status", lambda: (False, "no triton (test)"))
     calls = []
@@ -29,7 +29,8 @@ def fresh_probe(monkeypatch, tmp_path):
         return real_run(cmd, *a, **kw)
 
     monkeypatch.setattr(backends.subprocess, "run", counting_run)
-    return calls
+    yield calls
+    backends.keops_health.cache_clear()
 
 
 def test_crashing_keops_probe_leaves_process_alive_and_auto_picks_torch(fresh_probe, monkeypatch):
@@ -60,7 +61,6 @@ def test_force_skips_the_probe(fresh_probe, monkeypatch):
 
 def test_triton_is_the_cuda_default_for_float32(monkeypatch):
     monkeypatch.setattr(backends, "triton_status", lambda: (True, "triton (test)"))
-    monkeypatch.setattr(backends, "_WARNED", set())
     assert backends.choose_backend("auto", "cuda", torch.float32) == "triton"
     assert backends.choose_backend("auto", "cpu", torch.float32) == "torch"
     monkeypatch.setattr(backends, "keops_health", lambda device_type: (False, "test"))

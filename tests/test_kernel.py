@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import falkon_convrfm
 import naive
-from conftest import HAS_FALKON, make_options, requires_keops
+from conftest import HAS_FALKON
 from falkon_convrfm import ConvMahalanobisKernel
 from falkon_convrfm import _compile
 from falkon_convrfm.ops import dense
@@ -308,69 +308,6 @@ def test_sigma_is_ignored_by_ntk(rng):
     K1 = ConvMahalanobisKernel(None, (1, 7, 9), 3, kernel="ntk", sigma=1.0)(X, X)
     K2 = ConvMahalanobisKernel(None, (1, 7, 9), 3, kernel="ntk", sigma=17.0)(X, X)
     assert torch.equal(K1, K2)
-
-
-# ---------------------------------------------------------------------------------------------
-# KeOps path vs torch path
-# ---------------------------------------------------------------------------------------------
-def _keops_problem(kind, dtype, rng):
-    shape, q = (3, 7, 9), 3
-    M = naive.random_psd(27, rng=rng)  # full rank: r = 27, the same KeOps formula for every test
-    w = naive.random_weights(naive.num_locations(shape, q, 1, 1), rng=rng)
-    k = ConvMahalanobisKernel(M, shape, q, 1, 1, kind, sigma=5.0, weights=w)
-    X1 = torch.from_numpy(rng.standard_normal((N1, 189))).to(dtype)
-    X2 = torch.from_numpy(rng.standard_normal((N2, 189))).to(dtype)
-    v = torch.from_numpy(rng.standard_normal((N2, 2))).to(dtype)
-    w = torch.from_numpy(rng.standard_normal((N1, 2))).to(dtype)
-    return k, X1, X2, v, w
-
-
-@requires_keops
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("kind", BASE_KERNELS)
-def test_keops_matches_torch(kind, dtype, rng, monkeypatch):
-    k, X1, X2, v, w = _keops_problem(kind, dtype, rng)
-    opt_keops = make_options(keops_active="force")
-    opt_torch = make_options(keops_active="no")
-    assert type(opt_keops) is type(k.params)
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-
-    import falkon_convrfm.kernel as kernel_mod
-
-    calls = []
-    real = kernel_mod.keops_conv_mmv
-    monkeypatch.setattr(kernel_mod, "keops_conv_mmv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-
-    a = k.mmv(X1, X2, v, opt=opt_keops)
-    assert len(calls) == 1, "KeOps path was not taken"
-    b = k.mmv(X1, X2, v, opt=opt_torch)
-    assert len(calls) == 1, "KeOps was used with keops_active='no'"
-    assert a.dtype == dtype and naive.relative_error(a, b) <= tol
-
-    for vv, ww in ((v, w), (v, None)):
-        a = k.dmmv(X1, X2, vv, ww, opt=opt_keops)
-        b = k.dmmv(X1, X2, vv, ww, opt=opt_torch)
-        assert a.shape == (N2, 2) and naive.relative_error(a, b) <= tol
-
-    # against the reference too; dmmv(v=None) only here: Falkon's own torch fdmmv cannot take
-    # v=None (see test_falkon_integration.py::test_blocked_products_tiny_memory)
-    K_ref = naive.conv_kernel(X1, X2, (3, 7, 9), 3, 1, 1, kind, 5.0, k.metric, k.weights)
-    v64, w64 = v.double().numpy(), w.double().numpy()
-    assert _product_error(k.mmv(X1, X2, v, opt=opt_keops), K_ref, v64) <= tol
-    assert _product_error(k.dmmv(X1, X2, v, w, opt=opt_keops), K_ref, v64, w64, transpose=True) <= tol
-    assert _product_error(k.dmmv(X1, X2, None, w, opt=opt_keops), K_ref, None, w64, transpose=True) <= tol
-
-
-@requires_keops
-def test_keops_row_chunks_within_memory_budget(rng):
-    """A max_cpu_mem that fits two rows of partial sums makes KeOps run in row chunks."""
-    k, X1, X2, v, _ = _keops_problem("laplace", torch.float64, rng)
-    P, r = k.geometry.num_locations, k.factor.shape[1]
-    per_row = 2 * P * (v.shape[1] + r) * 8
-    opt = make_options(keops_active="force", max_cpu_mem=2 * per_row + 1)
-    a = k.mmv(X1, X2, v, opt=opt)
-    b = k.mmv(X1, X2, v, opt=make_options(keops_active="no"))
-    assert naive.relative_error(a, b) <= 1e-10
 
 
 # ---------------------------------------------------------------------------------------------

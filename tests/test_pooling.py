@@ -5,38 +5,17 @@ with patches cut out by ``naive.extract_patches`` and κ from ``naive.patch_kern
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
 
 import naive
-from conftest import make_options, requires_keops
 from falkon_convrfm import ConvMahalanobisKernel, patch_agop, patch_gradients
 from test_agop import _factor, _kappa, reference_agop, rel_err
 from test_kernel import COINCIDENT_TOL
 
 BASE_KERNELS = ("laplace", "gaussian", "ntk")
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def pooled_reference(X1, X2, shape, q, stride, padding, window, kind, sigma, M, weights):
-    """K (n, m) by loops over rows, locations and window offsets (float64)."""
-    ho, wo = naive.out_shape(shape, q, stride, padding)
-    h = window // 2
-    P1 = [naive.extract_patches(x, shape, q, stride, padding) for x in naive._as_float64(X1)]
-    P2 = [naive.extract_patches(z, shape, q, stride, padding) for z in naive._as_float64(X2)]
-    K = np.zeros((len(P1), len(P2)))
-    for i, j in itertools.product(range(len(P1)), range(len(P2))):
-        total = 0.0
-        for a, b in itertools.product(range(ho), range(wo)):
-            for di, dj in itertools.product(range(-h, h + 1), repeat=2):
-                if 0 <= a + di < ho and 0 <= b + dj < wo:
-                    p, qq = a * wo + b, (a + di) * wo + (b + dj)
-                    total += 0.5 * (weights[p] + weights[qq]) * naive.patch_kernel(P1[i][p], P2[j][qq], M, kind, sigma)
-        K[i, j] = total
-    return K
 
 
 CASES = [  # (image_shape, q, stride, padding, window)
@@ -57,7 +36,7 @@ def _problem(case, kind, rng, n=5, m=4):
     X2 = rng.standard_normal((m, int(np.prod(shape))))
     sigma = 2.0 * np.sqrt(d)
     k = ConvMahalanobisKernel(M, shape, q, stride, padding, kind, sigma, w, pool_window=window)
-    ref = pooled_reference(X1, X2, shape, q, stride, padding, window, kind, sigma, M, w)
+    ref = naive.pooled_conv_kernel(X1, X2, shape, q, stride, padding, window, kind, sigma, M, w)
     return k, X1, X2, ref
 
 
@@ -77,7 +56,7 @@ def test_pooled_kernel_matches_loops(case, kind, dtype, rng):
     out = torch.full((A.shape[0] + 2, B.shape[0] + 3), torch.nan, dtype=dtype)
     k.compute(A, B, out[1:-1, 2:-1], diag=False)  # a non-contiguous block, the way Falkon passes it
     assert naive.relative_error(out[1:-1, 2:-1], ref) <= tol
-    K_self = pooled_reference(X1, X1, *case[:4], case[4], kind, k.sigma, k.metric.numpy(), k.weights.numpy())
+    K_self = naive.pooled_conv_kernel(X1, X1, *case[:4], case[4], kind, k.sigma, k.metric.numpy(), k.weights.numpy())
     # coincident patches (δ = 0 on the diagonal): the NTK's arccos near 1 costs digits, as in test_kernel
     assert naive.relative_error(k(A, A, diag=True), np.diag(K_self)) <= COINCIDENT_TOL[(kind, dtype)]
     assert naive.relative_error(k(B, A), ref.T) <= tol, "pooled K must be symmetric"
@@ -115,11 +94,3 @@ def test_window_one_is_the_aligned_kernel(rng):
 def test_bad_windows(bad):
     with pytest.raises(ValueError, match="pool_window"):
         ConvMahalanobisKernel(None, (1, 6, 6), 3, pool_window=bad)
-
-
-@requires_keops
-def test_pooled_keops_matches_loops(rng):
-    k, X1, X2, ref = _problem(CASES[0], "laplace", rng)
-    v = rng.standard_normal((X2.shape[0], 2))
-    res = k.mmv(torch.from_numpy(X1), torch.from_numpy(X2), torch.from_numpy(v), opt=make_options(keops_active="force"))
-    assert naive.relative_error(res, ref @ v) <= 1e-10

@@ -43,7 +43,9 @@ def data():
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """Forget which one-time warnings were already given."""
-    monkeypatch.setattr(solvers, "_warned", set())
+    solvers.warn_once.cache_clear()
+    yield
+    solvers.warn_once.cache_clear()
 
 
 def test_nystrom_with_all_rows_as_centres_is_the_exact_solution(data):

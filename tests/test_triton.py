@@ -14,6 +14,8 @@ other test modules. (``TRITON_INTERPRET=1 pytest tests/test_triton.py`` runs the
 The input checks, the memory formula and the autotune plumbing need no kernel launch and run
 everywhere; without a GPU the compiled path is still compiled for sm_90 (Triton ships ptxas),
 which type-checks it — the interpreter does not — and checks that it does not spill registers.
+ConvMahalanobisKernel(backend="triton") (blocks, products, pooling windows) is checked with the
+other backends in tests/test_backend_conformance.py.
 """
 from __future__ import annotations
 
@@ -32,9 +34,8 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 import naive  # noqa: E402
-from conftest import HAS_FALKON, make_options  # noqa: E402
-from falkon_convrfm import ConvMahalanobisKernel  # noqa: E402
 from falkon_convrfm.base_kernels import BASE_KERNELS  # noqa: E402
+from falkon_convrfm.ops import PRECISIONS, BackendOptions  # noqa: E402
 from falkon_convrfm.ops import triton as backend  # noqa: E402
 from falkon_convrfm.ops.triton import (  # noqa: E402
     triton_available,
@@ -100,6 +101,7 @@ def _random_weights(P: int, rng) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- in-process
+@pytest.mark.slow
 @pytest.mark.skipif(RUNNABLE, reason="the kernel tests run in this process")
 def test_in_interpreter_subprocess():
     """No CUDA here and triton was imported without the interpreter flag: run this file again
@@ -123,10 +125,10 @@ def test_available_says_why():
 def test_padded_rank_and_memory():
     ranks = (1, 5, 16, 27, 32, 33, 64, 65, 130)
     assert [backend.padded_rank(r) for r in ranks] == [16, 16, 16, 32, 32, 64, 64, 96, 160]
-    mem = triton_memory(10, 5, 900, 27, 10)
+    mem = triton_memory(900, 27, 10)
     assert mem["n"] == 900 * 33 + 10 and mem["m"] == 900 * 33
     assert mem["0"] >= 900 * 33 and set(mem) == {"n", "m", "0"}
-    assert triton_memory(10, 5, 900, 27)["n"] == 900 * 33  # compute: no v columns
+    assert triton_memory(900, 27)["n"] == 900 * 33  # compute: no v columns
 
 
 @pytest.mark.parametrize(
@@ -136,14 +138,14 @@ def test_padded_rank_and_memory():
         (dict(weights=torch.ones(3)), ValueError, "weights must have shape"),
         (dict(T2=torch.ones(2, 3, 5)), ValueError, r"\(P, n, r\)"),
         (dict(T1=torch.ones(0, 3, 4), T2=torch.ones(0, 3, 4), weights=torch.ones(0)), ValueError, "P ≥ 1"),
-        (dict(precision="fp16"), ValueError, "precision must be one of"),
         (dict(base=object()), TypeError, "triton_map"),
     ],
-    ids=["float64", "weights", "rank", "no-locations", "precision", "base"],
+    ids=["float64", "weights", "rank", "no-locations", "base"],
 )
 def test_bad_input_is_refused(change, error, match):
+    """(A bad precision is refused by BackendOptions: tests/test_backend_conformance.py.)"""
     args = dict(T1=torch.ones(2, 3, 4), T2=torch.ones(2, 5, 4), base=BASE_KERNELS["laplace"], sigma=1.0,
-                weights=torch.ones(2) / 2, precision="ieee")
+                weights=torch.ones(2) / 2)
     args.update(change)
     with pytest.raises(error, match=match):
         triton_conv_matrix(**args)
@@ -195,7 +197,7 @@ def test_large_problems_are_tuned_once_on_a_slice(monkeypatch):
 
 def test_autotune_tries_the_tiles_screened_for_the_precision():
     configs = backend._configs()
-    for precision in backend.PRECISIONS:
+    for precision in PRECISIONS:
         chosen = {(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages)
                   for c in backend._configs_for(configs, {}, PRECISION=precision)}
         assert chosen == set(backend._TILES["ieee" if precision == "ieee" else "tensor cores"])
@@ -275,7 +277,7 @@ def test_matrix_and_mmv_match_naive(kind, geometry, rng):
 @pytest.mark.parametrize("kind", KINDS)
 def test_symmetric_block_and_strided_inputs(kind, rng):
     """K(T, T) with T1 is T2 (shared operands), strided T and v, a non-contiguous ``out``
-    (transposed view inside a larger buffer: nothing around it is touched) and ``out`` for mmv."""
+    (transposed view inside a larger buffer: nothing around it is touched)."""
     P, n, r = 6, 19, 7
     T = torch.randn(n, P, r + 3, device=DEVICE)[:, :, :r].transpose(0, 1)  # (P, n, r), strided
     assert not T.is_contiguous()
@@ -289,8 +291,7 @@ def test_symmetric_block_and_strided_inputs(kind, rng):
     outside[1 : n + 1, 2:] = -7.0
     assert (outside == -7.0).all()
     v = torch.randn(5, n, device=DEVICE).T  # (n, 5), strided
-    res = torch.empty(n, 5, device=DEVICE)
-    assert triton_conv_mmv(T, T, v, BASE_KERNELS[kind], SIGMA, w, out=res) is res
+    res = triton_conv_mmv(T, T, v, BASE_KERNELS[kind], SIGMA, w)
     assert naive.relative_error(res.cpu(), K_ref @ v.cpu().double()) <= COINCIDENT_TOL[kind]
 
 
@@ -309,7 +310,7 @@ def test_identical_patches_give_exactly_one(same_object):
 
 
 @runs_kernels
-@pytest.mark.parametrize("precision", backend.PRECISIONS)
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_precisions(precision, rng):
     """Every precision runs; ieee and tf32x3 meet the float32 tolerance, tf32 a coarse one
     (the interpreter computes every mode in exact float32)."""
@@ -318,10 +319,10 @@ def test_precisions(precision, rng):
     w = _random_weights(P, rng)
     tol = 3e-3 if precision == "tf32" else TOL
     K_ref = reference(T1, T2, "gaussian", SIGMA, w)
-    K = triton_conv_matrix(T1, T2, BASE_KERNELS["gaussian"], SIGMA, w, precision=precision)
+    K = triton_conv_matrix(T1, T2, BASE_KERNELS["gaussian"], SIGMA, w, BackendOptions(precision))
     assert naive.relative_error(K.cpu(), K_ref) <= tol
     v = torch.randn(m, 2, device=DEVICE)
-    Kv = triton_conv_mmv(T1, T2, v, BASE_KERNELS["gaussian"], SIGMA, w, precision=precision)
+    Kv = triton_conv_mmv(T1, T2, v, BASE_KERNELS["gaussian"], SIGMA, w, BackendOptions(precision))
     assert naive.relative_error(Kv.cpu(), K_ref @ v.cpu().double()) <= tol
 
 
@@ -350,45 +351,3 @@ def test_degenerate_sizes(rng):
     assert triton_conv_matrix(T1, T2[:, :0], base, 1.0, w).shape == (1, 0)
     assert triton_conv_mmv(T1, T2, torch.ones(1, 0, device=DEVICE), base, 1.0, w).shape == (1, 0)
     assert (triton_conv_mmv(T1[:, :0], T2, torch.ones(1, 2, device=DEVICE), base, 1.0, w)).shape == (0, 2)
-
-
-@runs_kernels
-@pytest.mark.parametrize("kind", KINDS)
-def test_kernel_class_with_triton_backend(kind, rng):
-    """ConvMahalanobisKernel(backend='triton') — compute and the direct mmv — against naive
-    (Falkon's no_single_kernel=False keeps float32 blocks in float32 on the CPU)."""
-    shape, q = (3, 6, 5), 3
-    M = naive.random_psd(27, rank=20, rng=rng)
-    X1 = torch.from_numpy(rng.standard_normal((9, 90))).float().to(DEVICE)
-    X2 = torch.from_numpy(rng.standard_normal((7, 90))).float().to(DEVICE)
-    opt = make_options(no_single_kernel=False) if HAS_FALKON else None
-    k = ConvMahalanobisKernel(M, shape, q, 1, 1, kind, sigma=SIGMA, opt=opt, backend="triton")
-    assert k.backend_for(X1) == "triton"
-    K_ref = naive.conv_kernel(X1.cpu(), X2.cpu(), shape, q, 1, 1, kind, SIGMA, M)
-    assert naive.relative_error(k(X1, X2).cpu(), K_ref) <= TOL
-    v = torch.randn(7, 2, device=DEVICE)
-    assert naive.relative_error(k.mmv(X1, X2, v).cpu(), K_ref @ v.cpu().double().numpy()) <= TOL
-
-
-@runs_kernels
-@pytest.mark.parametrize("kind", KINDS)
-def test_pooled_kernel_with_triton_backend(kind, rng):
-    """A 3×3 pooling window through the Triton backend (one launch per window offset) against the
-    explicit-loop reference of tests/test_pooling.py, random ω, K, mmv and dmmv."""
-    from test_pooling import pooled_reference
-
-    shape, q, stride, padding, window = (2, 6, 5), 3, 1, 0, 3
-    M = naive.random_psd(18, rank=12, rng=rng)
-    w = naive.random_weights(naive.num_locations(shape, q, stride, padding), rng=rng)
-    X1, X2 = rng.standard_normal((6, 60)), rng.standard_normal((5, 60))
-    opt = make_options(no_single_kernel=False) if HAS_FALKON else None
-    k = ConvMahalanobisKernel(M, shape, q, stride, padding, kind, SIGMA, w, opt=opt, backend="triton",
-                              pool_window=window)
-    K_ref = pooled_reference(X1, X2, shape, q, stride, padding, window, kind, SIGMA, M, w)
-    A, B = (torch.from_numpy(x).float().to(DEVICE) for x in (X1, X2))
-    v = torch.randn(5, 2, device=DEVICE)
-    assert naive.relative_error(k(A, B).cpu(), K_ref) <= TOL
-    assert naive.relative_error(k.mmv(A, B, v).cpu(), K_ref @ v.cpu().double().numpy()) <= TOL
-    u = torch.randn(6, 2, device=DEVICE)
-    expected = K_ref.T @ (K_ref @ v.cpu().double().numpy() + u.cpu().double().numpy())
-    assert naive.relative_error(k.dmmv(A, B, v, u).cpu(), expected) <= TOL

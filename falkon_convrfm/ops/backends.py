@@ -1,12 +1,13 @@
-"""Which backend evaluates the kernel, decided so that nothing can crash the user's process.
+"""The backends in one table (:data:`BACKENDS`, each keeping :mod:`.interface`), and which one
+evaluates the kernel, decided so that nothing can crash the user's process.
 
 - ``torch``: the tiled CPU/GPU path (:mod:`.dense`), any dtype, always available.
 - ``triton``: the fused GPU kernel (:mod:`.triton`), float32 on CUDA (or on CPU tensors under
   ``TRITON_INTERPRET=1``, for tests). The default on CUDA.
 - ``keops``: kernel-vector products through pykeops. pykeops can crash natively (a segfault on
   CUDA 13 with pykeops 2.3), which no ``try`` can catch, so ``auto`` picks it only after a health
-  check in a subprocess has passed; the result is cached per machine, device type and versions
-  (:func:`keops_health`). ``keops_active="force"`` is the user's explicit choice and skips it.
+  check in a subprocess has passed; the result is cached on disk per machine, device type and
+  versions, and in the process (:func:`keops_health`). ``keops_active="force"`` is the user's explicit choice and skips it.
 """
 from __future__ import annotations
 
@@ -18,37 +19,23 @@ import platform
 import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "keops")
+from ..validation import warn
+from .dense import TORCH
+from .keops import KEOPS, keops_importable
+from .triton import TRITON, triton_available
+
+BACKENDS = {backend.name: backend for backend in (TORCH, TRITON, KEOPS)}
+BACKEND_CHOICES = ("auto", *BACKENDS)
 KEOPS_PROBE_TIMEOUT = 600  # seconds: the first KeOps formula compiles C++/CUDA code
-_WARNED = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-@functools.lru_cache(maxsize=1)
-def keops_importable() -> bool:
-    """True when ``pykeops.torch`` imports (formulas compile lazily at first use)."""
-    try:
-        import pykeops.torch  # noqa: F401
-    except Exception:  # pykeops raises a variety of errors when its toolchain is missing
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=1)
 def triton_status() -> tuple:
     """(usable, reason) of the Triton backend (:func:`.triton.triton_available`)."""
-    from .triton import triton_available
-
     return triton_available()
 
 
@@ -102,10 +89,11 @@ def _run_probe(device_type: str) -> tuple:
     return False, f"the KeOps probe failed (exit {res.returncode}: {last[:200]})"
 
 
+@functools.lru_cache(maxsize=None)
 def keops_health(device_type: str) -> tuple:
     """(ok, reason) of a one-time KeOps health check on ``device_type``, run in a subprocess (a
     crash there cannot reach this process) and cached on disk per machine, versions and device
-    type. A failure is reported once per process as a warning."""
+    type, and per process. A failure is reported once per process, as a warning."""
     if not keops_importable():
         return False, "pykeops is not importable"
     key = _probe_key(device_type)
@@ -124,8 +112,8 @@ def keops_health(device_type: str) -> tuple:
             pass
     ok, reason = cache[key]
     if not ok:
-        _warn_once(f"keops-{device_type}", f"KeOps is not used on {device_type}: {reason} "
-                   f"(cached in {path}; keops_active='force' overrides)")
+        warn(f"KeOps is not used on {device_type}: {reason} (cached in {path}; keops_active='force' overrides)",
+             RuntimeWarning)
     return ok, reason
 
 
@@ -137,8 +125,8 @@ def choose_backend(requested: str, device_type: str, dtype: torch.dtype, keops_a
     ``auto``: torch on CPU; on CUDA Triton for float32, else KeOps when ``keops_active='auto'``
     and its health check passed, else torch.
     """
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {requested!r}")
     if keops_active == "force" or requested == "keops":
         if not keops_importable():
             raise ImportError("the KeOps backend was asked for but pykeops is not importable: `pip install pykeops`")
@@ -148,7 +136,7 @@ def choose_backend(requested: str, device_type: str, dtype: torch.dtype, keops_a
         if not triton_ok:
             raise RuntimeError(f"backend='triton' cannot run here: {reason}")
         if dtype != torch.float32:
-            _warn_once("triton-dtype", f"the Triton backend is float32 only; {dtype} data runs on the torch backend")
+            warn(f"the Triton backend is float32 only; {dtype} data runs on the torch backend", RuntimeWarning)
             return "torch"
         return "triton"
     if requested == "torch" or device_type != "cuda":

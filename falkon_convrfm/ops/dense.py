@@ -18,18 +18,21 @@ import functools
 import torch
 
 from .._compile import compiled_fn, use_compiled
+from .interface import Backend
 
 # Output tile (rows × cols) and elements per location chunk; tuned on a 2-core AVX2 CPU.
 TILE_ROWS = 128
 TILE_COLS = 128
 TILE_ELEMENTS = 2**19
+MAX_EXTRA_COLUMNS = 2  # columns a GEMM form appends to the patches, at most (the distance form's)
 
 
-def dense_memory(num_locations: int, rank: int, extra_columns: int = 2) -> dict:
+def dense_memory(num_locations: int, rank: int, outputs: int = 0) -> dict:
     """Elements that one :func:`conv_kernel_matrix` call allocates, in Falkon's ``extra_mem``
     form: per row of either block the transformed patches (P, r) and the padded GEMM operand
-    (P, r + extra rounded up to 8), plus the tile buffers."""
-    per_row = num_locations * (rank + _operand_width(rank, extra_columns))
+    (P, r + extra columns rounded up to 8), plus the tile buffers. Kernel-vector products are
+    blocks of the matrix (``outputs`` does not change the temporaries)."""
+    per_row = num_locations * (rank + _operand_width(rank, MAX_EXTRA_COLUMNS))
     return {"n": per_row, "m": per_row, "0": 3 * TILE_ELEMENTS}
 
 
@@ -90,9 +93,11 @@ def conv_kernel_matrix(
     base,
     sigma: float,
     weights: torch.Tensor,
+    options=None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """K (n, m) with K_ij = Σ_p ω_p κ(T1[p, i], T2[p, j]), computed tile by tile into ``out``.
+    """K (n, m) with K_ij = Σ_p ω_p κ(T1[p, i], T2[p, j]), computed tile by tile into ``out``
+    (``options``: :class:`~falkon_convrfm.ops.interface.BackendOptions`, none applies here).
 
     Operands are laid out tile-major and zero-padded (padded locations carry weight 0, padded
     rows and columns are cut off), so large blocks run the compiled tile function on one fixed
@@ -129,3 +134,7 @@ def conv_kernel_matrix(
                 acc = part if acc is None else acc.add_(part)
             out[i0:i1, j0:j1] = acc[: i1 - i0, : j1 - j0]
     return out
+
+
+# Kernel-vector products: Falkon's (or the stand-in's) blocked products over ``matrix``.
+TORCH = Backend("torch", matrix=conv_kernel_matrix, mmv=None, memory=dense_memory)

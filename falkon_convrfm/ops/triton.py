@@ -34,6 +34,8 @@ import functools
 
 import torch
 
+from .interface import Backend, BackendOptions
+
 try:
     import triton
     import triton.language as tl
@@ -44,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 else:
     _IMPORT_ERROR = None
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
+DEFAULT_OPTIONS = BackendOptions()
 MIN_WIDTH = 16  # tl.dot needs every dimension ≥ 16
 CHUNK = 32  # inner-product chunk: ranks above it are padded to a multiple of it (64 spills registers)
 VALUES = 16  # columns of v per tl.dot in mmv, more in turn (wider ones spill registers)
@@ -181,11 +183,9 @@ def padded_rank(r: int) -> int:
     return max(MIN_WIDTH, _next_pow2(r)) if r <= CHUNK else -(-r // CHUNK) * CHUNK
 
 
-def _check_inputs(T1, T2, base, weights, precision):
+def _check_inputs(T1, T2, base, weights):
     if _IMPORT_ERROR is not None:
         raise ImportError(f"the Triton backend cannot run: {_IMPORT_ERROR}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     for name, T in (("T1", T1), ("T2", T2), ("weights", weights)):
         if not isinstance(T, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(T).__name__}")
@@ -273,16 +273,17 @@ def triton_available() -> tuple:
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
-def triton_memory(n: int, m: int, P: int, r: int, t: int = 0) -> dict:
+def triton_memory(num_locations: int, rank: int, outputs: int = 0) -> dict:
     """Elements the Triton functions allocate, in Falkon's ``extra_mem`` form: per row the padded
-    patches (P, R) and their norms (P,) (+ the t-column K v result for mmv), the same per centre,
-    and a constant for the location means and the autotune scratch block (first call per size
-    class only). T1/T2 themselves are the caller's."""
-    R = padded_rank(r)
+    patches (P, R) and their norms (P,) (+ the ``outputs``-column K v result for mmv), the same
+    per centre, and a constant for the location means and the autotune scratch block (first call
+    per size class only). T1/T2 themselves are the caller's."""
+    P, t = num_locations, outputs
+    R = padded_rank(rank)
     return {"n": P * (R + 1) + t, "m": P * (R + 1), "0": P * (R + 1) + TUNE_ROWS * max(TUNE_COLS, t)}
 
 
-def triton_conv_matrix(T1, T2, base, sigma, weights, out=None, precision="ieee"):
+def triton_conv_matrix(T1, T2, base, sigma, weights, options=None, out=None):
     r"""K (n, m), :math:`K_{ij} = \sum_p ω_p κ(T1_{p,i}, T2_{p,j})`, by the fused kernel.
 
     Parameters
@@ -291,15 +292,16 @@ def triton_conv_matrix(T1, T2, base, sigma, weights, out=None, precision="ieee")
     base : base-kernel object with ``triton_map``, ``triton_param(sigma)``, ``translation_invariant``.
     sigma : bandwidth, passed to ``base.triton_param``.
     weights : (P,) float32 location weights ω (used as given).
+    options : :class:`~falkon_convrfm.ops.interface.BackendOptions` (None: the defaults); its
+        ``precision``: ``"ieee"`` (exact fp32 inner products), ``"tf32x3"`` (split TF32, near
+        fp32) or ``"tf32"`` (fast, ~1e-4 relative).
     out : optional (n, m) float32 tensor to fill (any strides).
-    precision : ``"ieee"`` (exact fp32 inner products), ``"tf32x3"`` (split TF32, near fp32) or
-        ``"tf32"`` (fast, ~1e-4 relative).
 
     Returns
     -------
     out : the filled (n, m) tensor.
     """
-    _check_inputs(T1, T2, base, weights, precision)
+    _check_inputs(T1, T2, base, weights)
     P, n, r = T1.shape
     m = T2.shape[1]
     if out is None:
@@ -313,11 +315,11 @@ def triton_conv_matrix(T1, T2, base, sigma, weights, out=None, precision="ieee")
     R = padded_rank(r)
     A, B, NA, NB = _operands(T1, T2, base, R)
     _launch(False, A, B, NA, NB, weights.contiguous(), out, out, (n, m, P, 0), (out.stride(0), out.stride(1)),
-            float(base.triton_param(sigma)), base.triton_map, R, precision)
+            float(base.triton_param(sigma)), base.triton_map, R, (options or DEFAULT_OPTIONS).precision)
     return out
 
 
-def triton_conv_mmv(T1, T2, v, base, sigma, weights, out=None, precision="ieee"):
+def triton_conv_mmv(T1, T2, v, base, sigma, weights, options=None):
     r"""K v (n, t) for K as in :func:`triton_conv_matrix`, without materialising K.
 
     Each program adds ``K_tile @ v_tile`` to the result atomically, so the float32 summation
@@ -325,11 +327,10 @@ def triton_conv_mmv(T1, T2, v, base, sigma, weights, out=None, precision="ieee")
 
     Parameters
     ----------
-    T1, T2, base, sigma, weights, precision : as in :func:`triton_conv_matrix`.
+    T1, T2, base, sigma, weights, options : as in :func:`triton_conv_matrix`.
     v : (m, t) float32 tensor (any strides).
-    out : optional (n, t) float32 tensor to fill.
     """
-    _check_inputs(T1, T2, base, weights, precision)
+    _check_inputs(T1, T2, base, weights)
     P, n, r = T1.shape
     m = T2.shape[1]
     if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.device != T1.device:
@@ -337,14 +338,14 @@ def triton_conv_mmv(T1, T2, v, base, sigma, weights, out=None, precision="ieee")
     if v.dim() != 2 or v.shape[0] != m:
         raise ValueError(f"v must be ({m}, t), got {tuple(v.shape)}")
     t = v.shape[1]
-    if out is not None and (out.shape != (n, t) or out.dtype != torch.float32 or out.device != T1.device):
-        raise ValueError(f"out must be a float32 ({n}, {t}) tensor on {T1.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     _check_device(T1.device)
     result = T1.new_zeros(n, t)
     if n and m and t:
         R = padded_rank(r)
         A, B, NA, NB = _operands(T1, T2, base, R)
         _launch(True, A, B, NA, NB, weights.contiguous(), v, result, (n, m, P, t), (t, 1),
-                float(base.triton_param(sigma)), base.triton_map, R, precision)
-    return result if out is None else out.copy_(result)
+                float(base.triton_param(sigma)), base.triton_map, R, (options or DEFAULT_OPTIONS).precision)
+    return result
+
+
+TRITON = Backend("triton", matrix=triton_conv_matrix, mmv=triton_conv_mmv, memory=triton_memory)
