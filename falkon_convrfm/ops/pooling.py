@@ -10,10 +10,9 @@ backends stay aligned-only: this module gathers the location pairs
 (:meth:`~falkon_convrfm.patches.PatchGeometry.window_partners`).
 
 The flat window is not positive semi-definite by construction (the 0/1 band matrix of the window
-has negative eigenvalues). On CIFAR-10 (standardised, laplace) the smallest eigenvalue of 300- and
-400-image Gram matrices stayed positive (w = 3 and 5, identity, fixed and learned metrics, σ from
-0.5 to 3× the median); when a factorisation fails all the same, the Nyström solve adds jitter and
-Falkon's preconditioner is rebuilt with more (:mod:`falkon_convrfm.solvers`).
+has negative eigenvalues); the eigenvalues measured on CIFAR-10 Gram matrices are in
+``docs/results.md`` ("Early experiments (small n)"). When a factorisation fails, the Nyström solve
+adds jitter and Falkon's preconditioner is rebuilt with more (:mod:`falkon_convrfm.solvers`).
 """
 from __future__ import annotations
 
