@@ -311,13 +311,6 @@ def test_info_and_plan(capsys):
     assert code == 0 and "largest centre count" in text and "K_nm" in text
 
 
-def test_confusion_matrix():
-    from falkon_convrfm.scoring import class_scores
-
-    scores = class_scores(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)
-    assert scores["confusion"].tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]] and scores["accuracy"] == 0.75
-
-
 def test_missing_data_path_is_a_clear_error(capsys):
     code, _, err = call(["fit", "--dataset", "cifar10", "--out-dir", "/tmp/never"], capsys)
     assert code == 2 and "--data PATH is required" in err
@@ -326,15 +319,3 @@ def test_missing_data_path_is_a_clear_error(capsys):
 def test_parser_rejects_unknown_dataset():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fit", "--dataset", "imagenet"])
-
-
-def test_memory_plan_phases_and_largest_centre_count():
-    from falkon_convrfm.planning import plan_memory
-
-    plan = plan_memory(10_000, (3, 32, 32), 3, centres=2000, device_memory=64 * 2**30)
-    assert plan["phases"]["K_nm (stored)"] == 10_000 * 2000 * 4
-    assert plan["fits"] and plan["max_centres"] >= 2000
-    tight = plan_memory(10_000, (3, 32, 32), 3, centres=2000, device_memory=plan["peak"] - 1)
-    assert not tight["fits"] and tight["max_centres"] < 2000
-    assert plan_memory(10_000, (3, 32, 32), 3, centres=tight["max_centres"],
-                       device_memory=plan["peak"] - 1)["fits"]

@@ -4,7 +4,8 @@ Table-driven: every bad input to ConvRFM / DeepConvRFM raises the named error ty
 one-line message that names the problem; every formerly silent case (issue 11: channels-last
 arrays, one-hot and float targets, ignored parameters, M = 0, string labels, output types)
 now works as a scikit-learn user expects or warns. Crafted model and checkpoint files do not
-run code. Device handling that needs no GPU: update_metric on other dtypes, map_location, to().
+run code. Device handling that needs no GPU: map_location, to() (update_metric on other dtypes:
+test_metric.py).
 All fits are tiny (digits 0–2, 1×8×8, exact solver, float64).
 """
 from __future__ import annotations
@@ -499,30 +500,6 @@ def test_unsaveable_parameter_is_named(fitted, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Devices (checks that need no GPU)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("dc_weight", [None, 0.2])
-def test_update_metric_any_dtype(dtype, dc_weight):
-    """G of any floating dtype (and device): the update runs in float64 on the CPU."""
-    g = torch.Generator().manual_seed(0)
-    A = torch.randn(9, 9, generator=g, dtype=torch.float64)
-    G = (A @ A.T).to(dtype)
-    M = update_metric(G, 0.5, dc_weight, 0.1)
-    assert M.dtype == torch.float64 and M.device.type == "cpu"
-    reference = update_metric(G.double(), 0.5, dc_weight, 0.1)
-    assert torch.equal(M, reference)
-
-
-def test_update_metric_under_another_default_dtype():
-    previous = torch.get_default_dtype()
-    G = torch.eye(4, dtype=torch.float32) + 0.5
-    try:
-        torch.set_default_dtype(torch.float64)
-        M64 = update_metric(G, dc_weight=0.2)
-    finally:
-        torch.set_default_dtype(previous)
-    assert torch.equal(M64, update_metric(G, dc_weight=0.2))
-
-
 def test_model_on_device_and_map_location(fitted, digits, tmp_path):
     X, y = digits
     assert fitted.alpha_.device == fitted.centres_.device == torch.device("cpu")

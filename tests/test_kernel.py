@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import falkon_convrfm
 import naive
@@ -123,19 +122,6 @@ def _product_error(result, K, v, w=None, transpose=False):
     res = result.detach().double().cpu().numpy()
     assert res.shape == ref.shape, (res.shape, ref.shape)
     return float(np.abs(res - ref).max() / scale.max())
-
-
-# ---------------------------------------------------------------------------------------------
-# The reference itself
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("q,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 0), (5, 2, 2), (5, 1, 0)])
-def test_naive_patch_order_is_unfold_order(q, stride, padding, rng):
-    """Sanity check of the reference: its patches equal torch's unfold (channel, row, col)."""
-    shape = (3, 7, 9)
-    x = rng.standard_normal(int(np.prod(shape)))
-    ours = naive.extract_patches(x, shape, q, stride, padding)
-    cols = F.unfold(torch.from_numpy(x).reshape(1, *shape), q, padding=padding, stride=stride)[0].T
-    np.testing.assert_array_equal(ours, cols.numpy())
 
 
 # ---------------------------------------------------------------------------------------------
