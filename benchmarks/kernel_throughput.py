@@ -71,10 +71,11 @@ def main(argv=None):
     p.add_argument("--memory-n", type=int, default=20_000)
     p.add_argument("--memory-centres", type=int, default=1000)
     p.add_argument("--memory-budget-gb", type=float, default=2.0)
+    p.add_argument("--gemm-size", type=int, default=4096, help="side of the GEMM that measures the flop rate")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    flops = gemm_flops()
+    flops = gemm_flops(args.gemm_size)
     print(f"torch {torch.__version__}, {args.threads} threads; fp32 GEMM: {flops / 1e9:.1f} GFLOP/s")
     backends = ["torch"] + (["keops"] if fc.keops_available() else [])
     d = 27
