@@ -24,7 +24,9 @@ import torch
 
 from .deep import LAYER_PARAMS, DeepConvRFM, LayerSpec
 from .estimator import SHARED_PARAMS as SHARED_TABLE
+from .feature_rfm import PATCH_FEATURE_PARAMS, PatchFeatureRFM
 from .params import Integer, OneOf, Positive, option_type, param_default
+from .presets import PRESETS, preset_params
 from .rfm import CONVRFM_PARAMS, ConvRFM
 
 PROG = "convrfm"
@@ -47,6 +49,10 @@ def _on_command_line(params: dict) -> tuple:
 # defaults (the estimators' own).
 SHARED_PARAMS = _on_command_line(SHARED_TABLE)
 CONV_PARAMS = _on_command_line(CONVRFM_PARAMS)
+# Every estimator option once, by parameter name (the first table that declares it gives its rule).
+ESTIMATOR_OPTIONS = {name: table[name] for table in (PATCH_FEATURE_PARAMS, CONVRFM_PARAMS, SHARED_TABLE)
+                     for name in _on_command_line(table)}
+MODELS = {"conv": ConvRFM, "deep": DeepConvRFM, "features": PatchFeatureRFM}
 
 
 def conv_default(name: str):
@@ -70,6 +76,24 @@ def _add_param(p, param, default, **overrides) -> None:
     kwargs = dict(dest=param.name, type=option_type(param.name, param.rule), default=default, metavar=metavar,
                   help=param.help)
     p.add_argument(param.option, **{**kwargs, **overrides})
+
+
+def _defaults_text(name: str) -> str:
+    """'(default: …)' of an estimator option: the default of each model that has the parameter."""
+    defaults = {}
+    for model, cls in MODELS.items():
+        if name in inspect.signature(cls).parameters and model != "deep":
+            defaults.setdefault(repr(param_default(cls, name)), []).append(model)
+    if len(defaults) == 1:
+        (value, models), = defaults.items()
+        only = {"conv": "conv and deep", "features": "features"}
+        return f"(default: {value}{'' if len(models) > 1 else '; --model ' + only[models[0]] + ' only'})"
+    return "(default: " + "; ".join(f"{' and '.join(m)} {v}" for v, m in defaults.items()) + ")"
+
+
+def given_options(args) -> dict:
+    """The estimator options the command line gave (they have no argparse default)."""
+    return {name: value for name, value in vars(args).items() if name in ESTIMATOR_OPTIONS}
 
 
 # ---------------------------------------------------------------------------- parser classes
@@ -246,7 +270,7 @@ def title(metric, iteration: int) -> str:
 
 
 def learned_metric(model, layer: int | None):
-    """The :class:`~falkon_convrfm.rfm.LearnedMetric` of a model (``layer`` None) or of a deep
+    """The :class:`~falkon_convrfm.estimator.LearnedMetric` of a model (``layer`` None) or of a deep
     model's layer (default: the final ConvRFM)."""
     if not hasattr(model, "final_"):
         if layer is not None:
@@ -317,15 +341,43 @@ def _known(params: dict, cls, where: str) -> dict:
     return params
 
 
+def _applicable(given: dict, cls, model: str) -> dict:
+    """``given`` if ``cls`` has every parameter in it, else ValueError naming the first option it lacks."""
+    for name in given:
+        if name not in inspect.signature(cls).parameters:
+            users = [m for m, c in MODELS.items() if name in inspect.signature(c).parameters]
+            raise ValueError(f"{ESTIMATOR_OPTIONS[name].option} does not apply to --model {model} "
+                             f"(it sets a parameter of --model {' / '.join(users)})")
+    return given
+
+
+def model_name(args) -> str:
+    """--model, by default 'features' with --preset (presets are PatchFeatureRFM settings), else 'conv'."""
+    model = args.model or ("features" if args.preset else "conv")
+    if args.preset and model != "features":
+        raise ValueError(f"--preset {args.preset} names PatchFeatureRFM settings: use it with --model features")
+    return model
+
+
 def build_model(args, config: dict):
-    """The estimator the options and the --config parameters (which take precedence) describe."""
+    """The estimator the options and the --config parameters (which take precedence) describe;
+    with --preset, the preset's parameters are the base that the options given override."""
     where = f"--config {args.config}"
-    shared = {name: getattr(args, name) for name in SHARED_PARAMS}
-    shared.update(max_memory=None if args.max_memory_gb is None else args.max_memory_gb * 2**30,
+    given, model = given_options(args), model_name(args)
+    extras = dict(max_memory=None if args.max_memory_gb is None else args.max_memory_gb * 2**30,
                   checkpoint_dir=str(checkpoint_dir(args)), progress=not args.quiet)
-    conv = {name: getattr(args, name) for name in CONV_PARAMS}
     layer_options = args.depth != 1 or args.width != param_default(LayerSpec, "width")
-    if args.model == "conv":
+    if model == "features":
+        if layer_options:
+            raise ValueError("--depth and --width describe the layers of --model deep")
+        base = preset_params(args.preset, given.get("device", "cpu")) if args.preset else {}
+        given = _applicable(given, PatchFeatureRFM, model)
+        return PatchFeatureRFM(**{**base, **given, **extras, **_known(config, PatchFeatureRFM, where)})
+    given = _applicable(given, ConvRFM, model)
+    shared = {name: given.get(name, conv_default(name)) for name in SHARED_PARAMS}
+    shared.update(extras)
+    conv = {name: given.get(name, conv_default(name)) for name in CONV_PARAMS}
+    if model == "conv":
         if layer_options:
             raise ValueError("--depth and --width describe the layers of --model deep")
         return ConvRFM(**{**shared, **conv, **_known(config, ConvRFM, where)})
@@ -356,9 +408,9 @@ def cmd_fit(args):
         raise ValueError(f"--layout applies to npz files, not to --dataset {args.dataset}")
     train, name = load_data(args.dataset, args.data, args.split, npz_layout, "train")
     X, y = _first(train, args.n_train, "--n-train", name)
-    fit_args, val_name = (X, y), f"{args.validation_fraction:g} of the training images"
+    fit_args, val_name = (X, y), f"{model.validation_fraction:g} of the training images"
     if args.val_data is not None:
-        if args.validation_fraction != conv_default("validation_fraction"):
+        if "validation_fraction" in given_options(args):
             raise ValueError("--val-fraction does not apply with --val-data (the file is the validation set)")
         val = load_npz(_existing_file(args.val_data, "--val-data"), layout=args.layout or "auto")
         fit_args, val_name = (X, y, val.images, val.labels), f"validation file {args.val_data}"
@@ -491,11 +543,14 @@ def _add_debug(p, default):
 
 
 def _add_estimator_options(p):
-    p.add_argument("--model", choices=["conv", "deep"], default="conv", help="ConvRFM or Deep ConvRFM")
+    p.add_argument("--model", choices=tuple(MODELS), help="ConvRFM, Deep ConvRFM or PatchFeatureRFM (explicit pooled "
+                   "patch features, linear head) (default: features with --preset, else conv)")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="PatchFeatureRFM settings chosen on validation runs "
+                   "(docs/results.md), per device; options given next to it override its values (default: none)")
     p.add_argument("--config", help="JSON object of extra estimator parameters, taking precedence over the "
                    "options (deep: 'layers', a list of LayerSpec fields, and 'final') (default: none)")
-    for name in (*SHARED_PARAMS, *CONV_PARAMS):
-        _add_param(p, {**SHARED_TABLE, **CONVRFM_PARAMS}[name], conv_default(name))
+    for name, param in ESTIMATOR_OPTIONS.items():
+        _add_param(p, param, argparse.SUPPRESS, help=f"{param.help} {_defaults_text(name)}")
     p.add_argument("--depth", type=_integer(1), default=1, help="deep: number of feature-map layers")
     _add_param(p, LAYER_PARAMS["width"], param_default(LayerSpec, "width"))
     p.add_argument("--max-memory-gb", type=POSITIVE, metavar="GB",

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .estimator import SHARED_PARAMS, RFMEstimator
+from .estimator import SHARED_PARAMS, LearnedMetric, RFMEstimator
 from .memory import chunk_rows, memory_budget, peak_rss
 from .metric import psd_power
 from .params import AnyOf, Integer, OneOf, Param, check_params, param_default, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint, plain_dataclass
-from .rfm import ConvRFM, LearnedMetric
+from .rfm import ConvRFM
 from .validation import as_tensor, positive_int
 
 NONLINEARITIES = ("relu", "none")

@@ -44,6 +44,36 @@ class PreparedData:
     generator: torch.Generator
 
 
+@dataclasses.dataclass(frozen=True)
+class LearnedMetric:
+    """The metrics one ConvRFM learned (:meth:`ConvRFM.learned_metric`,
+    :meth:`~falkon_convrfm.DeepConvRFM.learned_metric`): M by iteration (a deep model's feature
+    layers keep only the best one), the per-iteration history, the kept iteration and the patch
+    geometry M acts on."""
+
+    name: str
+    metrics: dict
+    history: list
+    best: int
+    image_shape: tuple
+    patch_size: int
+    stride: int
+    padding: int
+
+    def location_share(self, iteration: int):
+        """(per-location AGOP share, description): the AGOP that produced M of ``iteration``
+        (for the fixed M of iteration 0, the AGOP of iteration 0's predictor)."""
+        source = max(iteration - 1, 0)
+        if "location_share" not in self.history[source]:
+            raise ValueError(f"{self.name} computed no AGOP (fitted with iterations=0)")
+        what = "fixed M's predictor" if iteration == 0 else f"iteration {source}, which gave M of iteration {iteration}"
+        return self.history[source]["location_share"], f"{self.name}: AGOP share per location ({what})"
+
+    def validation_scores(self, iteration: int) -> dict:
+        """The validation scores of ``iteration`` by name (``val_accuracy``, ``val_r2``, ...)."""
+        return {k: v for k, v in self.history[iteration].items() if k.startswith("val_")}
+
+
 # The parameters of every estimator (defaults: the estimators' signatures).
 COMMON_PARAMS = table(
     Param("task", OneOf(TASKS), "classification, regression, or auto (read from the labels)"),
@@ -211,6 +241,14 @@ class RFMEstimator(BaseEstimator):
         if self.task_ == "classification":
             return accuracy(self._true_codes(y, scores.shape[0]), decision_codes(scores))
         return self._regression_scores(scores, y)["r2"]
+
+    # ------------------------------------------------------------------ fitted metric
+    def learned_metric(self, name: str | None = None) -> LearnedMetric:
+        """The metric of every iteration, the history and the patch geometry of a one-layer model
+        (``name``: how to call this model, by default its class name)."""
+        self._check_fitted()
+        return LearnedMetric(name or type(self).__name__, dict(enumerate(self.metrics_)), self.history_,
+                             self.best_iteration_, tuple(self.image_shape_), self.patch_size, self.stride, self.padding)
 
     # ------------------------------------------------------------------ device
     def to(self, device):

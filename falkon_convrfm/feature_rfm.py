@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 from .base_kernels import BASE_KERNELS
 from .estimator import COMMON_PARAMS, RFMEstimator
 from .features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
+from .memory import memory_budget
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
-from .params import Bandwidth, Custom, Factors, Integer, Interval, OneOf, Param, Positive, Shape, table
+from .params import Bandwidth, Factors, Integer, Interval, OneOf, Param, Pooling, Positive, Shape, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint
 from .presets import preset_params
 from .scoring import evaluate
-from .validation import positive_int
 
 CHECKPOINT_NAME = "patch_feature_rfm_checkpoint.pt"
 # Training images whose patches give the covariance, the atoms and the median distance.
@@ -33,19 +33,8 @@ DATA_IMAGES = 2000
 MEDIAN_PATCHES = 4000
 METRICS = ("whiten", "identity", "dc")
 AUGMENTS = (None, "flip")
-
-
-def check_pooling(pooling):
-    """An int g ≥ 1 (a g×g grid) or a pair (window, stride) with 1 ≤ stride ≤ window."""
-    if isinstance(pooling, (list, tuple)):
-        if len(pooling) != 2:
-            raise ValueError(f"pooling must be an int g (g×g regions) or (window, stride), got {pooling!r}")
-        window = positive_int("pooling window", pooling[0])
-        stride = positive_int("pooling stride", pooling[1])
-        if stride > window:
-            raise ValueError(f"pooling stride {stride} is larger than the window {window} (locations would be skipped)")
-        return (window, stride)
-    return positive_int("pooling", pooling)
+# Bytes of encoding and AGOP temporaries when max_memory is None.
+DEFAULT_MEMORY = 2**30
 
 
 def flip_rows(rows: torch.Tensor, image_shape) -> torch.Tensor:
@@ -59,19 +48,19 @@ PATCH_FEATURE_PARAMS = table(
     Param("patch_size", Integer(1), "patch side q"),
     Param("stride", Integer(1), "patch stride"),
     Param("padding", Integer(0), "zero padding"),
-    Param("n_atoms", Integer(1), "dictionary size k"),
-    Param("pooling", Custom(check_pooling, "an int g or (window, stride)"), "pooled regions"),
+    Param("n_atoms", Integer(1), "dictionary size k (random training patches)", "--atoms", "K"),
+    Param("pooling", Pooling(), "pooled regions: g (a g×g grid) or window,stride", "--pooling", "G"),
     Param("kernel", OneOf(BASE_KERNELS), "base patch kernel"),
     Param("sigma", Bandwidth(), "bandwidth, or 'median'"),
-    Param("metric", OneOf(METRICS), "starting metric"),
-    Param("whiten_eps", Interval(0), "ε of the whitening metric"),
+    Param("metric", OneOf(METRICS), "starting patch metric", "--metric"),
+    Param("whiten_eps", Interval(0), "ε of the whitening metric, relative to the mean eigenvalue", "--whiten-eps", "EPS"),
     Param("iterations", Integer(0), "metric updates"),
     Param("agop_power", Positive(), "p of the update"),
     Param("shrinkage", Interval(0, 1), "s of the update"),
     Param("agop_samples", Integer(1), "training images the AGOP is estimated on"),
     Param("penalty", Positive(), "ridge λ"),
     Param("penalty_grid", Factors(), "factors of penalty tried"),
-    Param("augment", OneOf(AUGMENTS), "training-set augmentation"),
+    Param("augment", OneOf(AUGMENTS), "training-set augmentation (flip: add left-right mirrors)", "--augment"),
 )
 
 
@@ -198,7 +187,7 @@ class PatchFeatureRFM(RFMEstimator):
 
     def _check_image_shape(self, image_shape):
         geometry = self._geometry(image_shape)
-        pooling_matrix(geometry.out_shape, check_pooling(self.pooling))
+        pooling_matrix(geometry.out_shape, self.pooling)
 
     def _start_metric(self, patches: torch.Tensor) -> torch.Tensor:
         d = patches.shape[-1]
@@ -209,7 +198,7 @@ class PatchFeatureRFM(RFMEstimator):
     def _feature_map(self, M, atoms, sigma, image_shape) -> PatchFeatureMap:
         geometry = self._geometry(image_shape)
         dtype = atoms.dtype
-        pool = pooling_matrix(geometry.out_shape, check_pooling(self.pooling)).to(atoms.device, dtype)
+        pool = pooling_matrix(geometry.out_shape, self.pooling).to(atoms.device, dtype)
         return PatchFeatureMap(geometry, metric_factor(M).to(atoms.device, dtype), atoms, BASE_KERNELS[self.kernel],
                                sigma, pool)
 
@@ -220,7 +209,7 @@ class PatchFeatureRFM(RFMEstimator):
         return median_atom_distance(patches[:MEDIAN_PATCHES] @ L, atoms @ L)
 
     def _memory(self) -> float:
-        return 2**30 if self.max_memory is None else float(self.max_memory)
+        return memory_budget(self.max_memory, self.device, default=DEFAULT_MEMORY)
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y, X_val=None, y_val=None):

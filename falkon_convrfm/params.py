@@ -16,7 +16,7 @@ import numbers
 import os
 
 from ._compat import resolve_device
-from .validation import check_bool, check_choice, check_pool_window, check_sigma, number_in, positive_int, positive_number
+from .validation import check_bool, check_choice, check_pool_window, check_pooling, check_sigma, number_in, positive_int, positive_number
 
 
 def _join(words) -> str:
@@ -241,6 +241,24 @@ class Factors(Rule):
 
     def words(self):
         return ["a non-empty sequence of positive numbers"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pooling(Rule):
+    """An int g (a g×g grid of regions) or (window, stride); command line ``3`` or ``5,3``."""
+
+    def check(self, name, value):
+        return check_pooling(value)
+
+    def words(self):
+        return ["an integer g (g×g regions) or 'window,stride'"]
+
+    def parse(self, text):
+        try:
+            parts = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise self.expected(text) from None
+        return parts[0] if len(parts) == 1 else parts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,6 @@ Loop (iteration 0 is the fixed kernel):  fit f = K_M(·, centres) α  →  G = p
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -91,36 +90,6 @@ CONVRFM_PARAMS = table(
     Param("penalty_grid", Factors(), "factors of penalty tried by tune"),
     Param("loss", OneOf(("squared", "logistic")), "loss of the kernel machine"),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnedMetric:
-    """The metrics one ConvRFM learned (:meth:`ConvRFM.learned_metric`,
-    :meth:`~falkon_convrfm.DeepConvRFM.learned_metric`): M by iteration (a deep model's feature
-    layers keep only the best one), the per-iteration history, the kept iteration and the patch
-    geometry M acts on."""
-
-    name: str
-    metrics: dict
-    history: list
-    best: int
-    image_shape: tuple
-    patch_size: int
-    stride: int
-    padding: int
-
-    def location_share(self, iteration: int):
-        """(per-location AGOP share, description): the AGOP that produced M of ``iteration``
-        (for the fixed M of iteration 0, the AGOP of iteration 0's predictor)."""
-        source = max(iteration - 1, 0)
-        if "location_share" not in self.history[source]:
-            raise ValueError(f"{self.name} computed no AGOP (fitted with iterations=0)")
-        what = "fixed M's predictor" if iteration == 0 else f"iteration {source}, which gave M of iteration {iteration}"
-        return self.history[source]["location_share"], f"{self.name}: AGOP share per location ({what})"
-
-    def validation_scores(self, iteration: int) -> dict:
-        """The validation scores of ``iteration`` by name (``val_accuracy``, ``val_r2``, ...)."""
-        return {k: v for k, v in self.history[iteration].items() if k.startswith("val_")}
 
 
 class ConvRFM(RFMEstimator):
@@ -482,13 +451,6 @@ class ConvRFM(RFMEstimator):
         self._restore()
 
     # ------------------------------------------------------------------ fitted model
-    def learned_metric(self, name: str | None = None) -> LearnedMetric:
-        """The metric of every iteration, the history and the patch geometry (``name``: how to
-        call this model, by default its class name)."""
-        self._check_fitted()
-        return LearnedMetric(name or type(self).__name__, dict(enumerate(self.metrics_)), self.history_,
-                             self.best_iteration_, tuple(self.image_shape_), self.patch_size, self.stride, self.padding)
-
     def _device(self) -> torch.device:
         return self.alpha_.device
 

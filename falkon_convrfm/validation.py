@@ -109,6 +109,20 @@ def check_pool_window(value) -> int:
     return w
 
 
+def check_pooling(value):
+    """Pooled regions of the patch grid: an int g ≥ 1 (a g×g grid) or (window, stride) with
+    1 ≤ stride ≤ window."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"pooling must be an int g (g×g regions) or (window, stride), got {value!r}")
+        window = positive_int("pooling window", value[0])
+        stride = positive_int("pooling stride", value[1])
+        if stride > window:
+            raise ValueError(f"pooling stride {stride} is larger than the window {window} (locations would be skipped)")
+        return (window, stride)
+    return positive_int("pooling", value)
+
+
 def check_random_state(value) -> int | None:
     """None (a fresh seed) or a non-negative integer seed."""
     return None if value is None else positive_int("random_state", value, minimum=0)

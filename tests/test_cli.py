@@ -289,11 +289,11 @@ def test_every_option_shows_its_default():
                 assert "default" in text or action.required, (name, action.option_strings)
 
 
-def test_defaults_are_the_estimators():
-    args = build_parser().parse_args(["fit"])
+def test_defaults_are_the_estimators(tmp_path):
+    args = build_parser().parse_args(["fit", "--out-dir", str(tmp_path)])
+    model = cli.build_model(args, {})  # options not given: the estimator's own defaults
     for param in cli.SHARED_PARAMS + cli.CONV_PARAMS:
-        default = cli.conv_default(param)
-        assert getattr(args, param) == (default or "none" if param == "preprocess" else default), param
+        assert getattr(model, param) == cli.conv_default(param), param
     assert args.width == cli.param_default(cli.LayerSpec, "width")
     for param in cli.SHARED_PARAMS:  # the deep model gets the same shared options
         assert cli.param_default(cli.DeepConvRFM, param) == cli.conv_default(param), param

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from falkon_convrfm.base_kernels import BASE_KERNELS
-from falkon_convrfm.feature_rfm import PatchFeatureRFM, check_pooling, flip_rows
+from falkon_convrfm.feature_rfm import PatchFeatureRFM, flip_rows
 from falkon_convrfm.features import PatchFeatureMap, RidgeStatistics, atom_kernel, inverse_sqrt, pooling_matrix
 from falkon_convrfm.kernel import ConvMahalanobisKernel
 from falkon_convrfm.metric import metric_factor, patch_covariance, refine_metric, whitening_metric
 from falkon_convrfm.patches import PatchGeometry
+from falkon_convrfm.validation import check_pooling
 
 SHAPE = (2, 5, 6)
 

@@ -9,6 +9,7 @@ from falkon_convrfm import cli
 from falkon_convrfm.deep import LAYER_PARAMS, DeepConvRFM, LayerSpec
 from falkon_convrfm.feature_rfm import PatchFeatureRFM
 from falkon_convrfm.params import AnyOf, Integer, Interval, OneOf, option_type, param_default
+from falkon_convrfm.presets import preset_params
 from falkon_convrfm.rfm import ConvRFM
 
 OWN = {ConvRFM: set(), DeepConvRFM: {"layers", "final"}, PatchFeatureRFM: set()}  # checked through other tables
@@ -46,12 +47,29 @@ def test_convrfm_docstring_gives_type_and_default():
 def test_cli_options_come_from_the_tables():
     fit = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["fit"]
     actions = {a.dest: a for a in fit._actions}
-    for name, param in {**ConvRFM._PARAMS, **LAYER_PARAMS}.items():
+    for cls in (ConvRFM, PatchFeatureRFM):
+        for name, param in cls._PARAMS.items():
+            if param.option:
+                action = actions[name]
+                assert action.option_strings == [param.option] and action.help.startswith(param.help), name
+                assert repr(param_default(cls, name)) in action.help, name  # the help names each model's default
+    for name, param in LAYER_PARAMS.items():
         if param.option:
-            action = actions[name]
-            assert action.option_strings == [param.option] and action.help.startswith(param.help), name
-            cls = LayerSpec if name in LAYER_PARAMS else ConvRFM
-            assert action.default == param_default(cls, name), name
+            assert actions[name].default == param_default(LayerSpec, name), name
+
+
+def test_fit_options_not_given_take_each_models_defaults_or_the_presets(tmp_path):
+    def model(*options):
+        return cli.build_model(cli.build_parser().parse_args(["fit", "--out-dir", str(tmp_path), *options]), {})
+
+    for built, cls in ((model(), ConvRFM), (model("--model", "features"), PatchFeatureRFM)):
+        assert isinstance(built, cls)
+        for name in ("patch_size", "iterations", "penalty", "validation_fraction"):
+            assert getattr(built, name) == param_default(cls, name), name
+    preset = model("--preset", "cifar10", "--iterations", "0", "--atoms", "64")
+    expected = {**preset_params("cifar10"), "iterations": 0, "n_atoms": 64}
+    assert isinstance(preset, PatchFeatureRFM)
+    assert all(getattr(preset, k) == v for k, v in expected.items())
 
 
 @pytest.mark.parametrize("text, value", [("auto", "auto"), ("none", None), ("0.5", 0.5), ("0", 0.0)])
