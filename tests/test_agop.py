@@ -318,6 +318,7 @@ def test_patch_agop_empty_rows_raise():
         patch_agop(kernel, Z, alpha, X[:0])
 
 
+@pytest.mark.slow  # torch.compile compiles a graph per kernel
 @pytest.mark.parametrize("kind", ["laplace", "gaussian"])
 def test_compiled_distance_weights_match_eager(kind, monkeypatch):
     """Large chunks run the torch.compile'd distance weights; they equal the eager ones."""

@@ -135,6 +135,7 @@ def digits():
     return torch.from_numpy(Xtr), torch.from_numpy(Xte), torch.from_numpy(ytr), torch.from_numpy(yte)
 
 
+@pytest.mark.slow  # a whole Falkon fit on digits
 def test_falkon_digits_accuracy(digits):
     """10-class digits, one-hot targets, argmax prediction."""
     Xtr, Xte, ytr, yte = digits
@@ -146,6 +147,7 @@ def test_falkon_digits_accuracy(digits):
     assert acc > 0.90, acc
 
 
+@pytest.mark.slow  # a whole Falkon fit on digits
 def test_logistic_falkon_digits_accuracy(digits):
     """LogisticFalkon is binary (labels ±1): the task is digits 0–4 (−1) vs 5–9 (+1)."""
     Xtr, Xte, ytr, yte = digits
@@ -161,6 +163,7 @@ def test_logistic_falkon_digits_accuracy(digits):
     assert acc > 0.90, acc
 
 
+@pytest.mark.slow  # a whole Falkon fit on digits
 def test_falkon_float32_fit(digits, monkeypatch):
     """float32 data: Falkon evaluates the preconditioner's K_MM in float64 blocks
     (no_single_kernel=True), the CG products in float32; both reach the kernel."""

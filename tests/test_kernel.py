@@ -223,6 +223,7 @@ def test_shared_patches_between_distinct_images(kind, dtype, rng):
 # ---------------------------------------------------------------------------------------------
 # The torch.compile'd tile path
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # torch.compile compiles the tile per kernel and dtype
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", BASE_KERNELS)
 def test_compiled_path_matches_naive(kind, dtype, monkeypatch, rng):

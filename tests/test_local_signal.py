@@ -11,7 +11,8 @@ import pytest
 from falkon_convrfm import ConvRFM
 from falkon_convrfm.datasets import make_local_signal
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread: faster on a shared machine
+# one intra-op thread: faster on a shared machine; slow: whole fits of hundreds of 12×12 / 32×32 images
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def test_convrfm_beats_fixed_kernel_on_local_signal():

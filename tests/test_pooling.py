@@ -63,7 +63,7 @@ def test_pooled_kernel_matches_loops(case, kind, dtype, rng):
 
 
 @pytest.mark.parametrize("kind", BASE_KERNELS)
-@pytest.mark.parametrize("window", [1, 3, 5])
+@pytest.mark.parametrize("window", [1, 3, pytest.param(5, marks=pytest.mark.slow)])  # w = 5: 25 autograd offsets
 def test_pooled_agop_matches_autograd(kind, window, rng):
     shape, q, stride, padding = (2, 6, 5), 3, 1, 1
     k, X1, X2, _ = _problem((shape, q, stride, padding, window), kind, rng, n=4, m=3)
