@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from falkon_convrfm.feature_rfm import PatchFeatureRFM
+from falkon_convrfm import PatchFeatureRFM
 
 
 def pooling(text: str):

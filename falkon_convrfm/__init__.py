@@ -24,6 +24,7 @@ from .inputs import channels_last_layout, image_rows, resolve_task, train_val_sp
 from .metric import as_metric, fixed_metric, metric_factor, normalise_trace, psd_power, update_metric
 from .patches import PatchGeometry
 from .planning import format_plan, plan_memory
+from .feature_rfm import PatchFeatureRFM
 from .models import load_model
 from .preprocessing import Preprocessor, zca_whitening
 from .rfm import ConvRFM
@@ -41,6 +42,7 @@ __all__ = [
     "ImageDataset",
     "KernelOptions",
     "LayerSpec",
+    "PatchFeatureRFM",
     "PatchGeometry",
     "Preprocessor",
     "as_metric",
