@@ -61,6 +61,7 @@ def files(tmp_path_factory):
     for argv in (FIT + ["--out-dir", conv],
                  ["fit", "--model", "deep", "--dataset", "npz", "--data", d / "train.npz", "--val-data", d / "val.npz",
           "--depth", "1", "--width", "4", "--iterations", "0", "--centres", "100", "--agop-samples", "100",
+                  "--n-train", "100",  # its pictures and messages are tested, not its accuracy
                   "--solver", "exact", "--quiet", "--out-dir", deep]):
         main([str(a) for a in argv])
     return {"dir": d, "conv": conv / "model.pt", "deep": deep / "model.pt"}
@@ -305,8 +306,14 @@ def test_help_for_every_command(capsys):
         assert code == 0 and "usage" in out
 
 
-def test_info_and_plan(capsys):
+@pytest.mark.slow  # a fresh interpreter imports torch, Falkon and scikit-learn
+def test_info_as_a_program():
     assert "Falkon" in run("info")  # `python -m falkon_convrfm.cli` as a program
+
+
+def test_info_and_plan(capsys):
+    code, text, _ = call(["info"], capsys)
+    assert code == 0 and "Falkon" in text
     code, text, _ = call(["plan", "--n", "50000", "--centres", "10000", "--device-memory-gb", "80"], capsys)
     assert code == 0 and "largest centre count" in text and "K_nm" in text
 
