@@ -4,7 +4,9 @@ show runs (with small settings where the documented one is a long experiment).
 Each distinct command is one test, in the order of the docs (``fit`` before ``evaluate``), in one
 working folder. ``convrfm`` commands run in this process through ``falkon_convrfm.cli.main`` (the
 ``python -m falkon_convrfm.cli`` program itself is tested in test_cli.py); scripts run as
-subprocesses. Both tests are marked slow (``pytest -m "not slow"`` leaves them out)."""
+subprocesses; a full-size experiment whose small run is documented as well only has its arguments
+parsed (PARSE_ONLY). Both tests are marked slow (``pytest -m "not slow"`` leaves them out)."""
+import importlib.util
 import os
 import re
 import shlex
@@ -24,6 +26,8 @@ CIFAR = ROOT.parent / "shared" / "data" / "cifar10_train.npz"
 # Installation commands are exercised by CI itself (scripts/test.sh builds the environment).
 NOT_RUN = ("pip ", "FORCE_ONLY_CPU", "bash scripts/", "git ", "rm ")
 NEEDS_CIFAR = ("cifar10_", "cnfa_check")  # examples that read the shared CIFAR-10 file by default
+# Full-size experiments whose small run is documented too (`--small`): only their arguments are parsed.
+PARSE_ONLY = ("python examples/cifar10_convrfm.py --n-train 10000",)
 SMALL = {  # appended options override the documented sizes (argparse keeps the last value); first match only
     "convrfm fit --dataset npz --data ../shared/data/cifar10_train.npz --preset": [
         "--n-train", "300", "--atoms", "64", "--agop-samples", "100", "--iterations", "1"],
@@ -105,6 +109,15 @@ def test_documented_command_runs(command, workdir, monkeypatch, capsys):
                                                        and "--data" not in command)
     if reads_cifar and not CIFAR.exists():
         pytest.skip(f"{CIFAR} (the shared CIFAR-10 file) is not beside this checkout")
+    if command.startswith(PARSE_ONLY):
+        script, *args = shlex.split(command)[1:]
+        spec = importlib.util.spec_from_file_location("documented_script", ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        parsed = vars(module.parse(args))
+        for option, value in zip(args[::2], args[1::2]):
+            assert str(parsed[option.lstrip("-").replace("-", "_")]) == value, (doc, command, option)
+        return
     argv = as_argv(command, workdir / "train_32x32.mat")
     if argv[0] == "convrfm":
         monkeypatch.chdir(workdir)
