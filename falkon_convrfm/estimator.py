@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator
 
 from ._compat import resolve_device
 from .inputs import TASKS, as_labels, class_labels, encode_labels, image_rows, resolve_task, train_val_split
-from .params import SEED, AnyOf, Device, Flag, Integer, Interval, OneOf, Param, PathOrNone, Positive, check_params, table
+from .params import DEVICE, FLAG, PATH_OR_NONE, SEED, AnyOf, Integer, Interval, OneOf, Param, Positive, check_params, table
 from .persistence import (CheckpointStore, FILE_FORMAT, atomic_save, file_name, from_plain, read_file, register_estimator,
                           to_plain)
 from .preprocessing import PREPROCESSING, make_preprocessor, preprocess_rows
@@ -82,13 +82,13 @@ COMMON_PARAMS = table(
           "--val-fraction", "F"),
     Param("preprocess", OneOf(PREPROCESSING), "pixel preprocessing fitted on the training split", "--preprocess"),
     Param("dtype", OneOf(DTYPES), "floating-point precision", "--dtype"),
-    Param("device", Device(), "cpu or cuda", "--device"),
+    Param("device", DEVICE, "cpu or cuda", "--device"),
     Param("max_memory", AnyOf((OneOf((None,)), Positive())), "bytes for kernel blocks and AGOP chunks"),
     Param("random_state", SEED, "random seed of the split, centres and AGOP rows (default: none, a fresh seed; "
           "a fit resumed from its checkpoint reuses the checkpoint's seed)", "--seed", "N"),
-    Param("checkpoint_dir", PathOrNone(), "folder of the checkpoint of an interruptible fit"),
+    Param("checkpoint_dir", PATH_OR_NONE, "folder of the checkpoint of an interruptible fit"),
     Param("channels_last", OneOf(("auto", True, False)), "layout of 4-D images"),
-    Param("progress", Flag(), "progress bars"),
+    Param("progress", FLAG, "progress bars"),
 )
 # ... and of every estimator with a kernel solver (ConvRFM, DeepConvRFM).
 SHARED_PARAMS = {**table(

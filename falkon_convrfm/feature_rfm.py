@@ -20,7 +20,7 @@ from .estimator import COMMON_PARAMS, RFMEstimator
 from .features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
 from .memory import memory_budget
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
-from .params import Bandwidth, Factors, Integer, Interval, OneOf, Param, Pooling, Positive, Shape, table
+from .params import FACTORS, IMAGE_SHAPE, POOLING, Bandwidth, Integer, Interval, OneOf, Param, Positive, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint
 from .presets import preset_params
@@ -44,12 +44,12 @@ def flip_rows(rows: torch.Tensor, image_shape) -> torch.Tensor:
 
 # PatchFeatureRFM's own parameters (defaults: its signature); it also has COMMON_PARAMS.
 PATCH_FEATURE_PARAMS = table(
-    Param("image_shape", Shape(), "(c, H, W) of flat-row input"),
+    Param("image_shape", IMAGE_SHAPE, "(c, H, W) of flat-row input"),
     Param("patch_size", Integer(1), "patch side q"),
     Param("stride", Integer(1), "patch stride"),
     Param("padding", Integer(0), "zero padding"),
     Param("n_atoms", Integer(1), "dictionary size k (random training patches)", "--atoms", "K"),
-    Param("pooling", Pooling(), "pooled regions: g (a g×g grid) or window,stride", "--pooling", "G"),
+    Param("pooling", POOLING, "pooled regions: g (a g×g grid) or window,stride", "--pooling", "G"),
     Param("kernel", OneOf(BASE_KERNELS), "base patch kernel"),
     Param("sigma", Bandwidth(), "bandwidth, or 'median'"),
     Param("metric", OneOf(METRICS), "starting patch metric", "--metric"),
@@ -59,7 +59,7 @@ PATCH_FEATURE_PARAMS = table(
     Param("shrinkage", Interval(0, 1), "s of the update"),
     Param("agop_samples", Integer(1), "training images the AGOP is estimated on"),
     Param("penalty", Positive(), "ridge λ"),
-    Param("penalty_grid", Factors(), "factors of penalty tried"),
+    Param("penalty_grid", FACTORS, "factors of penalty tried"),
     Param("augment", OneOf(AUGMENTS), "training-set augmentation (flip: add left-right mirrors)", "--augment"),
 )
 

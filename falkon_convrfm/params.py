@@ -194,64 +194,54 @@ class OddInteger(Integer):
 
 
 @dataclasses.dataclass(frozen=True)
-class Custom(Rule):
-    """A value checked by ``function(value)``, whose errors name the parameter."""
+class Checked(Rule):
+    """A value checked by ``function(name, value)`` (its errors name the parameter); ``text``
+    names what it admits."""
 
     function: object
     text: str
 
     def check(self, name, value):
-        return self.function(value)
+        return self.function(name, value)
 
     def words(self):
         return [self.text]
 
 
-@dataclasses.dataclass(frozen=True)
-class Device(Rule):
-    """A torch device that exists here (CUDA asked for without CUDA: RuntimeError)."""
-
-    def check(self, name, value):
-        resolve_device(value)
-        return value
-
-    def words(self):
-        return ["'cpu' or 'cuda'"]
+def _existing_device(name, value):
+    resolve_device(value)  # CUDA asked for without CUDA: RuntimeError
+    return value
 
 
-@dataclasses.dataclass(frozen=True)
-class Flag(Rule):
-    """True or False (numpy bools included)."""
-
-    def check(self, name, value):
-        return check_bool(name, value)
-
-    def words(self):
-        return ["True or False"]
+def _factors(name, value):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of positive factors, got {value!r}")
+    return tuple(positive_number(f"{name}[{i}]", factor) for i, factor in enumerate(value))
 
 
-@dataclasses.dataclass(frozen=True)
-class Factors(Rule):
-    """A non-empty sequence of positive numbers."""
-
-    def check(self, name, value):
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0:
-            raise ValueError(f"{name} must be a non-empty sequence of positive factors, got {value!r}")
-        return tuple(positive_number(f"{name}[{i}]", factor) for i, factor in enumerate(value))
-
-    def words(self):
-        return ["a non-empty sequence of positive numbers"]
+def _image_shape(name, value):
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise ValueError(f"{name} must be None or (c, H, W), got {value!r}")
+    return tuple(positive_int(f"{name}[{i}]", size) for i, size in enumerate(value))
 
 
-@dataclasses.dataclass(frozen=True)
-class Pooling(Rule):
+def _path_or_none(name, value):
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be None or a path, got {type(value).__name__}")
+    return value
+
+
+DEVICE = Checked(_existing_device, "'cpu' or 'cuda'")  # a torch device that exists here
+FLAG = Checked(check_bool, "True or False")  # numpy bools included
+FACTORS = Checked(_factors, "a non-empty sequence of positive numbers")
+IMAGE_SHAPE = Checked(_image_shape, "None or (c, H, W)")
+PATH_OR_NONE = Checked(_path_or_none, "None or a path")
+
+
+class Pooling(Checked):
     """An int g (a g×g grid of regions) or (window, stride); command line ``3`` or ``5,3``."""
-
-    def check(self, name, value):
-        return check_pooling(value)
-
-    def words(self):
-        return ["an integer g (g×g regions) or 'window,stride'"]
 
     def parse(self, text):
         try:
@@ -261,32 +251,7 @@ class Pooling(Rule):
         return parts[0] if len(parts) == 1 else parts
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape(Rule):
-    """None or an image shape (c, H, W) of positive integers."""
-
-    def check(self, name, value):
-        if value is None:
-            return None
-        if not isinstance(value, (tuple, list)) or len(value) != 3:
-            raise ValueError(f"{name} must be None or (c, H, W), got {value!r}")
-        return tuple(positive_int(f"{name}[{i}]", size) for i, size in enumerate(value))
-
-    def words(self):
-        return ["None or (c, H, W)"]
-
-
-@dataclasses.dataclass(frozen=True)
-class PathOrNone(Rule):
-    """None or a filesystem path."""
-
-    def check(self, name, value):
-        if value is not None and not isinstance(value, (str, os.PathLike)):
-            raise TypeError(f"{name} must be None or a path, got {type(value).__name__}")
-        return value
-
-    def words(self):
-        return ["None or a path"]
+POOLING = Pooling(lambda name, value: check_pooling(value), "an integer g (g×g regions) or 'window,stride'")
 
 
 SEED = AnyOf((OneOf((None,)), Integer(0)))  # None (a fresh seed) or a seed

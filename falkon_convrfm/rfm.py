@@ -18,7 +18,7 @@ from .base_kernels import BASE_KERNELS
 from .estimator import SHARED_PARAMS, RFMEstimator
 from .kernel import ConvMahalanobisKernel, median_patch_distance
 from .metric import dc_direction, fixed_metric, spectrum_summary, update_metric
-from .params import AnyOf, Bandwidth, Factors, Flag, Integer, Interval, OddInteger, OneOf, Param, Positive, Shape, param_default, table
+from .params import FACTORS, FLAG, IMAGE_SHAPE, AnyOf, Bandwidth, Integer, Interval, OddInteger, OneOf, Param, Positive, param_default, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint
 from .scoring import evaluate
@@ -69,7 +69,7 @@ def degeneracy(K: torch.Tensor, rtol: float = DEGENERATE_RTOL) -> str | None:
 
 # ConvRFM's own parameters (defaults: ConvRFM's signature); it also has SHARED_PARAMS.
 CONVRFM_PARAMS = table(
-    Param("image_shape", Shape(), "(c, H, W) of flat-row input"),
+    Param("image_shape", IMAGE_SHAPE, "(c, H, W) of flat-row input"),
     Param("patch_size", Integer(1), "patch side q", "--patch-size", "Q"),
     Param("stride", Integer(1), "patch stride", "--stride"),
     Param("padding", Integer(0), "zero padding", "--padding"),
@@ -84,10 +84,10 @@ CONVRFM_PARAMS = table(
     Param("dc_weight", AnyOf((Interval(0), OneOf(("auto", None)))),
           "weight w >= 0 of the patch-brightness (DC) direction in M, 'auto' (decided from the data) or 'none' "
           "(DC stays in the AGOP)", "--dc-weight", "W"),
-    Param("location_weights", Flag(), "weight locations by their AGOP share"),
-    Param("tune", Flag(), "choose σ and λ on the validation split"),
-    Param("sigma_grid", Factors(), "factors of sigma tried by tune"),
-    Param("penalty_grid", Factors(), "factors of penalty tried by tune"),
+    Param("location_weights", FLAG, "weight locations by their AGOP share"),
+    Param("tune", FLAG, "choose σ and λ on the validation split"),
+    Param("sigma_grid", FACTORS, "factors of sigma tried by tune"),
+    Param("penalty_grid", FACTORS, "factors of penalty tried by tune"),
     Param("loss", OneOf(("squared", "logistic")), "loss of the kernel machine"),
 )
 
