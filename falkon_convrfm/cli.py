@@ -2,8 +2,11 @@
 
 A user error (a bad option value, a missing, unreadable or wrong file, an output that cannot be
 written) ends the command with one line on stderr, ``convrfm: error: ...``, and exit status 2;
-``--debug`` shows the traceback instead. Output paths are checked before any work is done.
-Ctrl-C exits with status 130; ``fit`` then says that rerunning it resumes from its checkpoint.
+``--debug`` shows the traceback instead. Output paths are checked before any work is done: an
+existing output (a file, or an earlier run in ``--out-dir``) is replaced only with ``--overwrite``.
+Every file is written atomically (:func:`~falkon_convrfm.persistence.atomic_file`): a failed write
+(disk full, no permission) leaves no partial file and names the file. Ctrl-C exits with status 130;
+``fit`` then says that rerunning it resumes from its checkpoint.
 The estimator options take their defaults from the estimators' signatures.
 """
 from __future__ import annotations
@@ -14,7 +17,6 @@ import inspect
 import json
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +28,7 @@ from .deep import LAYER_PARAMS, DeepConvRFM, LayerSpec
 from .estimator import SHARED_PARAMS as SHARED_TABLE
 from .feature_rfm import PATCH_FEATURE_PARAMS, PatchFeatureRFM
 from .params import Integer, OneOf, Positive, option_type, param_default
+from .persistence import CheckpointMismatch, atomic_file, check_folder
 from .presets import PRESETS, preset_params
 from .rfm import CONVRFM_PARAMS, ConvRFM
 
@@ -37,6 +40,7 @@ PREDICTION_SUFFIXES = (".npy", ".csv")
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # FileNotFoundError is an OSError
 CHECKPOINT_SUBDIR = "checkpoint"
+RUN_FILES = ("model.pt", "history.json", "curves.png", "filters.png")  # what fit writes in --out-dir
 
 
 def _on_command_line(params: dict) -> tuple:
@@ -129,29 +133,24 @@ def _existing_file(path, option: str) -> Path:
     return path
 
 
-def _probe_writable(folder: Path, what: str) -> None:
-    """OSError unless a file can be created in the existing folder ``folder``."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise OSError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
-
-
 def check_output_dir(path, option: str) -> Path:
     """``path`` if it is a writable folder or can be created as one (nothing is created)."""
     path = Path(path)
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
-    _probe_writable(existing, f"{option} {path}")
+    check_folder(path, f"{option} {path}")
     return path
 
 
-def check_output_file(path, option: str, suffixes) -> Path:
-    """``path`` if it has one of ``suffixes`` and can be written in an existing folder."""
+def check_earlier_run(out: Path, overwrite: bool) -> None:
+    """FileExistsError when ``out`` holds files of an earlier ``fit`` and ``overwrite`` is off."""
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(f"--out-dir {out} holds an earlier run ({', '.join(earlier)}): add --overwrite to "
+                              "replace it, or use a new --out-dir")
+
+
+def check_output_file(path, option: str, suffixes, overwrite: bool) -> Path:
+    """``path`` if it has one of ``suffixes``, can be written in an existing folder, and does not
+    exist yet or ``overwrite`` is on."""
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"{option} {path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
@@ -163,7 +162,9 @@ def check_output_file(path, option: str, suffixes) -> Path:
         raise NotADirectoryError(f"{option} {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"{option} {path}: folder {folder} does not exist")
-    _probe_writable(folder, f"{option} {path}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{option} {path} already exists: add --overwrite to replace it, or choose another file")
+    check_folder(folder, f"{option} {path}")
     return path
 
 
@@ -396,12 +397,21 @@ def checkpoint_dir(args) -> Path:
     return Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out_dir) / CHECKPOINT_SUBDIR
 
 
+def refused_checkpoint(exc: CheckpointMismatch, args) -> str:
+    """A checkpoint of another fit in the command's words: the option that names its folder and the
+    options that differ."""
+    option, folder = ("--checkpoint-dir", args.checkpoint_dir) if args.checkpoint_dir else ("--out-dir", args.out_dir)
+    return exc.message(f"{option} {folder}", f"use a new {option}",
+                       lambda name: ESTIMATOR_OPTIONS[name].option if name in ESTIMATOR_OPTIONS else name)
+
+
 def cmd_fit(args):
     from .datasets import load_npz
     from .viz import plot_history
 
     model = build_model(args, read_config(args.config) if args.config else {})
     out, checkpoints = check_output_dir(args.out_dir, "--out-dir"), checkpoint_dir(args)
+    check_earlier_run(out, args.overwrite)
     check_output_dir(checkpoints, "--checkpoint-dir")
     npz_layout = args.layout if args.dataset == "npz" else None
     if args.layout is not None and npz_layout is None and args.val_data is None:
@@ -417,13 +427,17 @@ def cmd_fit(args):
 
     with _no_empty_folders_left(out, checkpoints):
         tic = time.perf_counter()
-        model.fit(*fit_args)
+        try:
+            model.fit(*fit_args)
+        except CheckpointMismatch as exc:
+            raise ValueError(refused_checkpoint(exc, args)) from None
         seconds = time.perf_counter() - tic
         out.mkdir(parents=True, exist_ok=True)
         model.save(out / "model.pt")
-        with open(out / "history.json", "w") as f:
-            json.dump({"params": {k: repr(v) for k, v in model.get_params().items()}, "seconds": seconds,
-                       "data": name, "validation": val_name, "history": model.history_}, f, indent=1, default=float)
+        with atomic_file(out / "history.json", "history") as f:
+            f.write(json.dumps({"params": {k: repr(v) for k, v in model.get_params().items()}, "seconds": seconds,
+                                "data": name, "validation": val_name, "history": model.history_},
+                               indent=1, default=float).encode())
         metric = learned_metric(model, None)
         _saved(plot_history(metric.history, out / "curves.png", best_iteration=metric.best, title=metric.name))
         draw_filters(metric, None, min(8, metric.metrics[metric.best].shape[0]), out / "filters.png")
@@ -437,15 +451,15 @@ def cmd_fit(args):
 
 def save_predictions(pred: np.ndarray, path: Path) -> None:
     """``.npy`` (numpy's format) or ``.csv`` (one row per image), written to exactly ``path``."""
-    if path.suffix.lower() == ".npy":
-        with open(path, "wb") as f:
+    with atomic_file(path, "predictions file") as f:
+        if path.suffix.lower() == ".npy":
             np.save(f, pred, allow_pickle=False)
-    else:
-        np.savetxt(path, pred.reshape(len(pred), -1), fmt="%s", delimiter=",")
+        else:
+            np.savetxt(f, pred.reshape(len(pred), -1), fmt="%s", delimiter=",")
 
 
 def cmd_predict(args):
-    out = check_output_file(args.out, "--out", PREDICTION_SUFFIXES)
+    out = check_output_file(args.out, "--out", PREDICTION_SUFFIXES, args.overwrite)
     model = load_model(args.model)
     data, name = load_data(args.dataset, args.data, args.split, args.layout, "test")
     X, _ = _first(data, args.n, "--n", name)
@@ -468,7 +482,7 @@ def format_confusion(C: np.ndarray, classes, names=None) -> list:
 
 
 def cmd_evaluate(args):
-    out = None if args.out is None else check_output_file(args.out, "--out", (".json",))
+    out = None if args.out is None else check_output_file(args.out, "--out", (".json",), args.overwrite)
     model = load_model(args.model)
     if model.task_ != "classification":
         raise ValueError(f"--model {args.model} is a regression model; evaluate reports classification accuracy")
@@ -479,9 +493,9 @@ def cmd_evaluate(args):
     print("confusion matrix (rows: true class, columns: predicted class)")
     print("\n".join(format_confusion(scores["confusion"], classes, data.classes)))
     if out is not None:
-        with open(out, "w") as f:
-            json.dump({"data": name, "accuracy": scores["accuracy"], "classes": classes, "class_names": data.classes,
-                       "confusion": scores["confusion"].tolist()}, f)
+        with atomic_file(out, "evaluation report") as f:
+            f.write(json.dumps({"data": name, "accuracy": scores["accuracy"], "classes": classes,
+                                "class_names": data.classes, "confusion": scores["confusion"].tolist()}).encode())
         print(f"wrote {out}")
 
 
@@ -495,8 +509,9 @@ def _location_share(metric, iteration: int):
 def cmd_filters(args):
     from .viz import plot_location_map
 
-    out = check_output_file(args.out, "--out", FIGURE_SUFFIXES)
-    locations = None if args.locations is None else check_output_file(args.locations, "--locations", FIGURE_SUFFIXES)
+    out = check_output_file(args.out, "--out", FIGURE_SUFFIXES, args.overwrite)
+    locations = (None if args.locations is None
+                 else check_output_file(args.locations, "--locations", FIGURE_SUFFIXES, args.overwrite))
     metric = learned_metric(load_model(args.model), args.layer)
     iteration = iteration_of(metric, args.iteration)
     share, share_title = _location_share(metric, iteration) if locations else (None, None)
@@ -535,6 +550,10 @@ def _add_model_on_data(p):
     _add_data(p)
     p.add_argument("--n", type=_integer(1), help="first N images only (default: all)")
     return p
+
+
+def _add_overwrite(p, what: str):
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} (default: refuse, naming it)")
 
 
 def _add_debug(p, default):
@@ -576,14 +595,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint after every iteration; a rerun of the same command resumes from it "
                    f"(default: OUT_DIR/{CHECKPOINT_SUBDIR}, removed after a successful fit)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (the result is still printed)")
+    _add_overwrite(p, f"an earlier run in --out-dir ({', '.join(RUN_FILES)})")
     p.set_defaults(func=cmd_fit)
 
     p = _add_model_on_data(sub.add_parser("predict", help="predict labels with a saved model", **kw))
     p.add_argument("--out", default="predictions.npy", help="predictions file, .npy or .csv")
+    _add_overwrite(p, "an existing --out file")
     p.set_defaults(func=cmd_predict)
 
     p = _add_model_on_data(sub.add_parser("evaluate", help="accuracy and confusion matrix of a saved model", **kw))
     p.add_argument("--out", help="also write the figures to this .json file (default: none)")
+    _add_overwrite(p, "an existing --out file")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("filters", help="draw the top eigenvectors of M (and the location map)", **kw)
@@ -594,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_integer(1), default=8, help="number of eigenvectors")
     p.add_argument("--out", default="filters.png", help=f"figure file ({', '.join(FIGURE_SUFFIXES)})")
     p.add_argument("--locations", help="also draw the per-location AGOP share map to this file (default: none)")
+    _add_overwrite(p, "existing --out / --locations files")
     p.set_defaults(func=cmd_filters)
 
     p = sub.add_parser("plan", help="memory of each phase and the largest centre count that fits", **kw)
@@ -621,10 +644,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
 
 
-def _interrupted(args) -> str:
+def _interrupted(args, exc: KeyboardInterrupt) -> str:
+    """'convrfm: interrupted', with the file being written when it was (``exc`` names it), and for
+    ``fit`` how to resume."""
+    head = f"{PROG}: interrupted" + (f" {exc}" if str(exc) else "")
     if args.command != "fit":
-        return f"{PROG}: interrupted"
-    return (f"{PROG}: interrupted; rerun the same command (same --out-dir {args.out_dir}) to resume from the last "
+        return head
+    return (f"{head}; rerun the same command (same --out-dir {args.out_dir}) to resume from the last "
             f"finished iteration, checkpointed in {checkpoint_dir(args)}")
 
 
@@ -636,10 +662,10 @@ def main(argv=None):
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print(_interrupted(args), file=sys.stderr)
+        print(_interrupted(args, exc), file=sys.stderr)
         raise SystemExit(130) from None
     except USER_ERRORS as exc:
         if args.debug:

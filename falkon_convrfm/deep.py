@@ -234,8 +234,8 @@ class DeepConvRFM(RFMEstimator):
         Xval, Yval = (data.Xval, data.Yval) if data.Xval.shape[0] else (None, None)  # none: each ConvRFM keeps its last iterate
         gen = torch.Generator().manual_seed(self.seed_)
         self.filters_, self.metrics_, self.history_, self.feature_shapes_ = [], [], [], [shape]
-        fingerprint, params = data_fingerprint(Xtr, Ytr, data.Xval), self._checkpoint_params()
-        saved = store.load(fingerprint, params)
+        fingerprint = data_fingerprint(Xtr, Ytr, data.Xval)
+        saved = store.load(fingerprint)
         for index, spec in enumerate(tqdm(specs, desc="Deep ConvRFM layers", disable=not self.progress)):
             if saved is not None and index < len(saved["filters"]):
                 filters, M, record = saved["filters"][index].to(Xtr.device), saved["metrics"][index], saved["history"][index]
@@ -257,8 +257,7 @@ class DeepConvRFM(RFMEstimator):
             self.metrics_.append(M)
             self.history_.append(record)
             self.feature_shapes_.append(shape)
-            store.save(fingerprint, params, self.seed_,
-                       {"filters": self.filters_, "metrics": self.metrics_, "history": self.history_})
+            store.save(fingerprint, self.seed_, {"filters": self.filters_, "metrics": self.metrics_, "history": self.history_})
         tic = time.perf_counter()
         with peak_rss() as mem:
             self.final_ = self._final_rfm(shape).fit(Xtr, Ytr, Xval, Yval)

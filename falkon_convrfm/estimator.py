@@ -127,14 +127,15 @@ class RFMEstimator(BaseEstimator):
         return to_plain({k: v for k, v in params.items() if k not in ("progress", "checkpoint_dir")}, "params")
 
     def _store(self) -> CheckpointStore:
-        return CheckpointStore(self.checkpoint_dir, self._CHECKPOINT)
+        """The checkpoint of this fit, its folder checked and a checkpoint of other parameters
+        refused before any work (:meth:`CheckpointStore.open`)."""
+        return CheckpointStore(self.checkpoint_dir, self._CHECKPOINT, self._checkpoint_params()).open()
 
     def _fit_seed(self, store: CheckpointStore) -> int:
         """``random_state``, else the seed of a checkpoint of this fit, else a fresh one."""
         if self.random_state is not None:
             return int(self.random_state)
-        saved = store.saved_seed(self._checkpoint_params())
-        return saved if saved is not None else int(torch.randint(2**31, ()).item())
+        return store.seed if store.seed is not None else int(torch.randint(2**31, ()).item())
 
     # ------------------------------------------------------------------ data
     def _input_shape(self, X, name: str, fitted_shape=None):
@@ -284,7 +285,8 @@ class RFMEstimator(BaseEstimator):
         return model
 
     def save(self, path) -> None:
-        """Save parameters and fitted state (tensors and plain data, written atomically)."""
+        """Save parameters and fitted state (tensors and plain data, written atomically: a failure
+        leaves an earlier file at ``path`` as it was and is an OSError naming the model file)."""
         self._check_fitted()
         atomic_save(self._state(), path)
 

@@ -231,8 +231,8 @@ class PatchFeatureRFM(RFMEstimator):
         agop_idx = torch.randperm(n, generator=gen)[: min(self.agop_samples, n)].sort().values.to(Xtr.device)
         if self.augment == "flip":
             Xtr, Ytr = torch.cat([Xtr, flip_rows(Xtr, image_shape)]), torch.cat([Ytr, Ytr])
-        fingerprint, params = data_fingerprint(Xtr, Ytr, Xval), self._checkpoint_params()
-        state = store.load(fingerprint, params)
+        fingerprint = data_fingerprint(Xtr, Ytr, Xval)
+        state = store.load(fingerprint)
         if state is not None:
             start, M, best = state["next"], state["M"], state["best"]
             self.history_, self.metrics_ = state["history"], state["metrics"]
@@ -275,8 +275,8 @@ class PatchFeatureRFM(RFMEstimator):
                 record["time_agop"] = time.perf_counter() - tic
             self.history_.append(record)
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.startswith("val_")})
-            store.save(fingerprint, params, seed, {"next": t + 1, "M": M, "best": best, "history": self.history_,
-                                                    "metrics": self.metrics_})
+            store.save(fingerprint, seed, {"next": t + 1, "M": M, "best": best, "history": self.history_,
+                                            "metrics": self.metrics_})
         self.best_iteration_, self.M_, self.sigma_, self.penalty_ = best["iteration"], best["M"], best["sigma"], best["penalty"]
         self.coef_, self.intercept_ = best["coef"], best["intercept"]
         self._restore()

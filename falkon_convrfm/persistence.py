@@ -10,20 +10,30 @@ This module knows no estimator class: estimators register themselves
 (:func:`register_estimator`, done by every subclass of
 :class:`~falkon_convrfm.estimator.RFMEstimator`) and provide ``_state()`` /
 ``_from_state(state, source)``; :func:`falkon_convrfm.models.load_model` loads any of them.
+
+Every file the package writes (models, checkpoints, and through :func:`atomic_file` the CLI's
+histories, reports, predictions and the pictures) goes to a temporary file next to it that is
+renamed onto its name once complete: a failure (disk full, no permission, Ctrl-C) removes the
+temporary file, leaves an earlier file of that name as it was, and is an OSError naming the file
+(a KeyboardInterrupt stays one, naming the file too). A checkpoint of another fit (other data or
+parameters) is refused (:class:`CheckpointMismatch`), never overwritten.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import pickle
+import secrets
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ._compat import resolve_device
 from .preprocessing import Preprocessor
-from .validation import warn
 
 FILE_FORMAT = "falkon_convrfm"
 _ESTIMATORS: dict[str, type] = {}  # class name → estimator class, for loading nested models
@@ -133,15 +143,78 @@ def read_file(source, map_location="cpu", what: str = "model file"):
         raise ValueError(f"{file_name(source)} is not a falkon_convrfm {what} ({type(exc).__name__}: {first})") from exc
 
 
-def atomic_save(obj, path) -> None:
-    """``torch.save`` to ``path`` through a temporary file and a rename: a kill never leaves a
-    half-written file. Buffers (file objects) are written directly."""
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or its cause or context (torch reports a failed write
+    of its file writer as a RuntimeError whose context is the OSError)."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _write_failure(exc: BaseException, what: str, path: str, existed: bool) -> BaseException:
+    """The exception to raise for ``exc`` while writing ``what`` to ``path``: an OSError of the same
+    kind naming both, a KeyboardInterrupt naming both, or ``exc`` itself (not an I/O failure)."""
+    earlier = "the earlier file is unchanged" if existed else "nothing was written"
+    if isinstance(exc, KeyboardInterrupt):
+        return KeyboardInterrupt(f"while writing the {what} {path} ({earlier})")
+    cause = _os_error(exc)
+    if cause is None:
+        return exc
+    error = type(cause)(f"cannot write the {what} {path}: {cause.strerror or cause} ({earlier})")
+    error.errno = cause.errno
+    return error
+
+
+@contextlib.contextmanager
+def atomic_file(path, what: str):
+    """A binary file object for writing ``what`` (e.g. "model file") to ``path``: a temporary file
+    next to it, flushed to disk and renamed onto ``path`` when the block ends without error. On any
+    failure, Ctrl-C included, the temporary file is removed, ``path`` is left as it was, and the
+    error names ``what`` and ``path`` (:func:`_write_failure`). A buffer (file object) is yielded
+    as it is."""
     if not isinstance(path, (str, os.PathLike)):
-        torch.save(obj, path)
+        yield path
         return
     path = os.fspath(path)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    existed = os.path.exists(path)
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(3)}.tmp"
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        error = _write_failure(exc, what, path, existed)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def atomic_save(obj, path, what: str = "model file") -> None:
+    """``torch.save`` of ``obj`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path, what) as f:
+        torch.save(obj, f)
+
+
+def check_folder(path, name: str) -> None:
+    """Check, creating nothing, that ``path`` is a folder a file can be written in, or can be created
+    as one (its missing parents too). OSError ``'{name}: ...'`` naming the reason: a file on the
+    way, no permission, a read-only file system."""
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{name}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        error = type(exc)(f"{name}: cannot write in {existing} ({exc.strerror or exc})")
+        error.errno = exc.errno
+        raise error from None
 
 
 def data_fingerprint(*tensors) -> str:
@@ -155,45 +228,85 @@ def data_fingerprint(*tensors) -> str:
     return h.hexdigest()
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint of another fit where a fit would write its own: it is refused and left as it is.
+    ``changed`` maps each parameter that differs to (its value there, its value now); it is empty
+    when the data differs. :meth:`message` lets a caller say it in its own words (the CLI names
+    its options)."""
+
+    def __init__(self, folder: str, path: str, changed: dict):
+        self.folder, self.path, self.changed = folder, path, changed
+        super().__init__(self.message(f"checkpoint_dir={folder!r}", "use another checkpoint_dir"))
+
+    def message(self, where: str, fix: str, name=str, shown: int = 3) -> str:
+        """'{where}: {path} is the checkpoint of another fit (...); {fix}, or remove ...', each
+        parameter called ``name(parameter)``."""
+        def short(value):
+            text = repr(value)
+            return text if len(text) <= 40 else text[:37] + "..."
+
+        listed = ", ".join(f"{name(k)} {short(a)} there, {short(b)} now" for k, (a, b) in list(self.changed.items())[:shown])
+        more = f" and {len(self.changed) - shown} more" if len(self.changed) > shown else ""
+        what = f"made with other parameters: {listed}{more}" if self.changed else "made with other data"
+        return (f"{where}: {self.path} is the checkpoint of another fit ({what}); {fix}, "
+                f"or remove the folder {self.folder} to start over")
+
+
+def _changed(saved: dict, params: dict) -> dict:
+    """{parameter: (value in ``saved``, value in ``params``)} for each that differs ("(unset)": absent)."""
+    keys = [k for k in {**saved, **params} if (k in saved, saved.get(k)) != (k in params, params.get(k))]
+    return {k: (saved.get(k, "(unset)"), params.get(k, "(unset)")) for k in keys}
+
+
 class CheckpointStore:
-    """The checkpoint file of an interruptible fit (``directory/name``; no file when ``directory``
-    is None): written atomically after every step, read back when a fit with the same data
-    fingerprint and parameters runs again."""
+    """The checkpoint file of an interruptible fit with parameters ``params`` (``directory/name``;
+    no file when ``directory`` is None): :meth:`open` checks the folder and reads the checkpoint
+    there before any work; :meth:`load` gives its state back when the data is the same; :meth:`save`
+    writes it atomically after every step. A checkpoint of another fit is refused
+    (:class:`CheckpointMismatch`)."""
 
-    def __init__(self, directory, name: str):
-        self.path = None if directory is None else os.path.join(os.fspath(directory), name)
+    def __init__(self, directory, name: str, params: dict):
+        self.folder = None if directory is None else os.fspath(directory)
+        self.path = None if directory is None else os.path.join(self.folder, name)
+        self.params, self._saved = params, None
+        self.seed: int | None = None  # the seed of the checkpoint read by open()
 
-    def _read(self, map_location="cpu"):
-        if self.path is None or not os.path.exists(self.path):
-            return None
-        state = read_file(self.path, map_location, "checkpoint")
+    def open(self) -> CheckpointStore:
+        """Check that the folder can be written (OSError ``checkpoint_dir='...': ...``), read its
+        checkpoint (ValueError for a file that is not one) and refuse one made with other parameters."""
+        if self.path is None:
+            return self
+        check_folder(self.folder, f"checkpoint_dir={self.folder!r}")
+        if not os.path.exists(self.path):
+            return self
+        state = read_file(self.path, "cpu", "checkpoint")
         if not (isinstance(state, dict) and state.get("kind") == "checkpoint"
                 and {"fingerprint", "params", "seed", "state"} <= set(state)):
             raise ValueError(f"{self.path} is not a falkon_convrfm checkpoint")
-        return state
+        if state["params"] != self.params:
+            raise CheckpointMismatch(self.folder, self.path, _changed(state["params"], self.params))
+        self._saved, self.seed = state, int(state["seed"])
+        return self
 
-    def saved_seed(self, params) -> int | None:
-        """The seed of a checkpoint made with ``params`` (None when there is none)."""
-        state = self._read()
-        return int(state["seed"]) if state is not None and state["params"] == params else None
-
-    def load(self, fingerprint: str, params, map_location="cpu"):
-        """The saved state of a fit with this data and these parameters, else None (a checkpoint
-        of another fit is ignored with a warning)."""
-        state = self._read(map_location)
-        if state is None:
+    def load(self, fingerprint: str):
+        """The saved state (tensors on the CPU) when the checkpoint was made with this data, None
+        when there is no checkpoint; CheckpointMismatch when it was made with other data."""
+        if self._saved is None:
             return None
-        if state["fingerprint"] != fingerprint or state["params"] != params:
-            warn(f"Ignoring checkpoint {self.path}: it was made with other data or parameters")
-            return None
-        return from_plain(state["state"], self.path)
+        if self._saved["fingerprint"] != fingerprint:
+            raise CheckpointMismatch(self.folder, self.path, {})
+        state, self._saved = self._saved["state"], None  # read once: its memory is released
+        return from_plain(state, self.path)
 
-    def save(self, fingerprint: str, params, seed: int, state: dict) -> None:
+    def save(self, fingerprint: str, seed: int, state: dict) -> None:
         if self.path is None:
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        atomic_save({"format": FILE_FORMAT, "kind": "checkpoint", "fingerprint": fingerprint, "params": params,
-                     "seed": seed, "state": to_plain(state, "checkpoint")}, self.path)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as exc:
+            raise type(exc)(f"cannot create the checkpoint folder {self.folder}: {exc.strerror or exc}") from exc
+        atomic_save({"format": FILE_FORMAT, "kind": "checkpoint", "fingerprint": fingerprint, "params": self.params,
+                     "seed": seed, "state": to_plain(state, "checkpoint")}, self.path, "checkpoint")
 
 
 def estimator_class(state, source: str) -> type:

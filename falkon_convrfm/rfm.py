@@ -392,8 +392,8 @@ class ConvRFM(RFMEstimator):
         weights = None
         self.sigma_ = median if self.sigma == "median" else float(self.sigma)
         self.penalty_, self.tuning_ = float(self.penalty), []
-        fingerprint, params = data_fingerprint(Xtr, Ytr, Xval), self._checkpoint_params()
-        state = store.load(fingerprint, params)  # tensors on the CPU; the predictor goes to the fit device
+        fingerprint = data_fingerprint(Xtr, Ytr, Xval)
+        state = store.load(fingerprint)  # tensors on the CPU; the predictor goes to the fit device
         if state is not None:
             start, M, weights, best = state["next"], state["M"], state["weights"], state["best"]
             best["centres"], best["alpha"] = best["centres"].to(Xtr.device), best["alpha"].to(Xtr.device)
@@ -438,7 +438,7 @@ class ConvRFM(RFMEstimator):
                 record["location_share"] = share.cpu().tolist()
             self.history_.append(record)
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.startswith("val_")})
-            store.save(fingerprint, params, seed, {
+            store.save(fingerprint, seed, {
                 "next": t + 1, "M": M, "weights": weights, "best": best, "history": self.history_,
                 "metrics": self.metrics_, "sigma": self.sigma_, "penalty": self.penalty_, "tuning": self.tuning_})
         self._set_best(best)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
 
 from .patches import PatchGeometry
+from .persistence import atomic_file
 from .validation import positive_int
 
 
@@ -17,6 +19,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path) -> None:
+    """Write ``fig`` to exactly ``path`` (format from its suffix, else png; a file object as png)
+    through :func:`~falkon_convrfm.persistence.atomic_file`: a failure leaves no partial picture."""
+    suffix = os.path.splitext(os.fspath(path))[1][1:].lower() if isinstance(path, (str, os.PathLike)) else ""
+    with atomic_file(path, "figure") as f:
+        fig.savefig(f, format=suffix or None, dpi=120)
 
 
 def top_filters(M, image_shape, patch_size: int, k: int = 8):
@@ -85,7 +95,7 @@ def plot_filters(M, image_shape, patch_size: int, k: int = 8, path=None, title: 
     if title:
         fig.suptitle(title, fontsize=9)
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 
@@ -100,7 +110,7 @@ def plot_location_map(share, image_shape, patch_size: int, stride: int = 1, padd
     ax.set_title(title, fontsize=8, wrap=True)
     fig.colorbar(im, ax=ax, fraction=0.046)
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 
@@ -120,5 +130,5 @@ def plot_history(history, path=None, best_iteration: int | None = None, title: s
     if title:
         ax.set_title(title, fontsize=9)
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
