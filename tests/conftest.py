@@ -62,3 +62,58 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def failing_writes(monkeypatch):
+    """``fail(error, room=100)``: from then on, every file written through
+    :func:`falkon_convrfm.persistence.atomic_file` raises ``error`` once ``room`` bytes are written
+    (``OSError(errno.ENOSPC, ...)``: a full disk; ``KeyboardInterrupt()``: Ctrl-C in a write)."""
+    import builtins
+
+    import falkon_convrfm.persistence as persistence
+
+    def fail(error: BaseException, room: int = 100):
+        class Full:
+            def __init__(self, real):
+                self.real, self.written = real, 0
+
+            def write(self, data):
+                self.written += len(data)
+                if self.written > room:
+                    raise error
+                return self.real.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.real.close()
+
+        monkeypatch.setattr(persistence, "open", lambda *a, **k: Full(builtins.open(*a, **k)), raising=False)
+
+    return fail
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(folder)``: the folder made read-only (writable again after the test);
+    pytest.skip where that does not stop writes (running as root)."""
+    folders = []
+
+    def make(path):
+        path.chmod(0o500)
+        folders.append(path)
+        try:
+            (path / "probe").write_text("")
+        except PermissionError:
+            return path
+        (path / "probe").unlink()
+        pytest.skip("a read-only folder is still writable here (running as root)")
+
+    yield make
+    for path in folders:
+        path.chmod(0o700)

@@ -308,16 +308,16 @@ def test_deep_resume_after_kill_between_layers(tmp_path, monkeypatch):
     assert np.allclose(resumed.decision_function(X), reference.decision_function(X))
 
 
-@pytest.mark.filterwarnings("ignore:Ignoring checkpoint")
-def test_deep_checkpoint_of_other_parameters_is_not_reused(tmp_path):
+def test_deep_checkpoint_of_other_parameters_is_refused(tmp_path):
     X, y = load_digit_images(45)
     layers = (LayerSpec(**dict(L1, iterations=1, agop_samples=30)),)
     final = dict(FINAL, patch_size=1)
     deep_model(layers=layers, final=final, penalty=1e-3, checkpoint_dir=str(tmp_path)).fit(X, y)
-    other = deep_model(layers=layers, final=final, penalty=1e-1, checkpoint_dir=str(tmp_path)).fit(X, y)
-    assert other.final_.penalty_ == 1e-1  # the final ConvRFM's own checkpoint was rejected ...
-    layer_history = other.history_[0]["convrfm_history"]
-    assert layer_history[0]["penalty"] == 1e-1  # ... but layer 0 was loaded stale (penalty 1e-3)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"deep_state.pt is the checkpoint of another fit \(made with other "
+                       r"parameters: penalty 0.001 there, 0.1 now\)"):
+        deep_model(layers=layers, final=final, penalty=1e-1, checkpoint_dir=str(tmp_path)).fit(X, y)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files  # every checkpoint intact
 
 
 def test_deep_without_validation_split():

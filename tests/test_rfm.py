@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 import falkon_convrfm.rfm as rfm_module
 from conftest import requires_falkon
 from falkon_convrfm import ConvRFM
+from falkon_convrfm.persistence import CheckpointMismatch
 from falkon_convrfm.metric import dc_direction, fixed_metric
 
 class SimulatedKill(Exception):
@@ -127,13 +128,21 @@ def test_kill_and_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
     assert np.allclose(resumed.decision_function(X), reference.decision_function(X), rtol=0, atol=1e-12)
 
 
-def test_checkpoint_of_other_parameters_is_ignored(digits, tmp_path):
+def test_checkpoint_of_another_fit_is_refused_and_left_intact(digits, tmp_path, monkeypatch):
     X, y = digits
     small(iterations=1, checkpoint_dir=str(tmp_path)).fit(X, y)
-    with pytest.warns(UserWarning, match="Ignoring checkpoint"):
-        other = small(iterations=1, penalty=1e-2, checkpoint_dir=str(tmp_path)).fit(X, y)
-    fresh = small(iterations=1, penalty=1e-2).fit(X, y)
-    assert torch.equal(other.M_, fresh.M_)
+    path = tmp_path / rfm_module.CHECKPOINT_NAME
+    saved = path.read_bytes()
+    # other parameters: refused before any work (the data is not even read)
+    monkeypatch.setattr(ConvRFM, "_prepare", lambda *a, **k: pytest.fail("prepared data before the refusal"))
+    with pytest.raises(CheckpointMismatch, match=r"checkpoint_dir='.*': .* is the checkpoint of another fit "
+                       r"\(made with other parameters: penalty 0.001 there, 0.01 now\); use another checkpoint_dir, "
+                       r"or remove the folder"):
+        small(iterations=1, penalty=1e-2, checkpoint_dir=str(tmp_path)).fit(X, y)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointMismatch, match=r"\(made with other data\)"):  # other data: refused too
+        small(iterations=1, checkpoint_dir=str(tmp_path)).fit(X[:-10], y[:-10])
+    assert path.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 # ---------------------------------------------------------------------------------------------
