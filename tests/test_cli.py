@@ -1,6 +1,7 @@
 """The ``convrfm`` command line: end to end on digits, and every user error as one line on stderr
 with exit status 2 (no traceback)."""
 import argparse
+import errno
 import json
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def files(tmp_path_factory):
     (d / "bad_layers.json").write_text(json.dumps({"layers": [{"widht": 4}]}))
     (d / "binary.bin").write_bytes(bytes(range(256)) * 4)
     (d / "a_file").write_text("")
+    for name in ("old.npy", "old.json"):  # earlier outputs
+        (d / name).write_text("old")
     conv, deep = d / "conv", d / "deep"
     for argv in (FIT + ["--out-dir", conv],
                  ["fit", "--model", "deep", "--dataset", "npz", "--data", d / "train.npz", "--val-data", d / "val.npz",
@@ -126,6 +129,15 @@ USER_ERRORS = [
     (["evaluate", "--model", "{conv}", "--out", "{dir}/eval.csv"], "use .json"),
     (["filters", "--model", "{conv}", "--out", "{dir}/filters.txt"], "use .png or .pdf or .svg"),
     (["filters", "--model", "{conv}", "--locations", "{dir}/no_folder/l.png"], "does not exist"),
+    # earlier outputs, replaced only with --overwrite
+    (["fit", "--out-dir", "{dir}/conv"], "--out-dir {dir}/conv holds an earlier run (model.pt, history.json, "
+     "curves.png, filters.png): add --overwrite to replace it, or use a new --out-dir"),
+    (["predict", "--model", "{conv}", "--out", "{dir}/old.npy"],
+     "--out {dir}/old.npy already exists: add --overwrite to replace it, or choose another file"),
+    (["evaluate", "--model", "{conv}", "--out", "{dir}/old.json"], "--out {dir}/old.json already exists"),
+    (["filters", "--model", "{conv}", "--out", "{dir}/conv/filters.png"], "--out {dir}/conv/filters.png already exists"),
+    (["filters", "--model", "{conv}", "--out", "{dir}/f.png", "--locations", "{dir}/conv/curves.png"],
+     "--locations {dir}/conv/curves.png already exists"),
     # data
     (["fit", "--dataset", "cifar10"], "--data PATH is required for --dataset cifar10"),
     (["fit", "--dataset", "cifar10", "--data", "{dir}/no_cifar"], "not found"),
@@ -203,6 +215,85 @@ def test_failed_fit_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli.ConvRFM, "fit", failing)
     code, _, err = call(FIT + ["--out-dir", tmp_path / "a" / "b"], capsys)
     assert code == 2 and err.strip() == "convrfm: error: the solver failed"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- files kept
+def no_temporary_files(folder) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_an_earlier_run_is_replaced_only_with_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_text("an earlier model")
+    code, _, err = call(FIT + ["--iterations", "0", "--out-dir", run], capsys)
+    assert code == 2 and "holds an earlier run (model.pt): add --overwrite" in err
+    assert (run / "model.pt").read_text() == "an earlier model" and list(run.iterdir()) == [run / "model.pt"]
+    code, out, _ = call(FIT + ["--iterations", "0", "--out-dir", run, "--overwrite"], capsys)
+    assert code == 0 and "wrote" in out and cli.load_model(run / "model.pt").best_iteration_ == 0
+    assert no_temporary_files(run)
+
+
+def test_predictions_replace_a_file_only_with_overwrite(files, tmp_path, capsys):
+    path = tmp_path / "p.csv"
+    path.write_text("old")
+    argv = ["predict", "--model", files["conv"], "--n", "3", "--out", path]
+    assert call(argv, capsys)[0] == 2 and path.read_text() == "old"
+    assert call(argv + ["--overwrite"], capsys)[0] == 0 and np.loadtxt(path).shape == (3,)
+
+
+def test_checkpoint_of_another_fit_is_refused_in_the_options_words(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    fit = FIT + ["--iterations", "0", "--checkpoint-dir", ckpt]
+    assert call(fit + ["--out-dir", tmp_path / "a"], capsys)[0] == 0
+    saved = {p: p.read_bytes() for p in ckpt.iterdir()}
+    code, _, err = call(fit + ["--penalty", "1e-3", "--out-dir", tmp_path / "b"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.strip() == (f"convrfm: error: --checkpoint-dir {ckpt}: {ckpt / 'convrfm_checkpoint.pt'} is the "
+                           "checkpoint of another fit (made with other parameters: --penalty 1e-05 there, 0.001 "
+                           f"now); use a new --checkpoint-dir, or remove the folder {ckpt} to start over")
+    assert {p: p.read_bytes() for p in ckpt.iterdir()} == saved and not (tmp_path / "b").exists()
+    # the default checkpoint, OUT_DIR/checkpoint, is named by --out-dir
+    default = FIT + ["--iterations", "0", "--out-dir", tmp_path / "a", "--overwrite"]
+    assert call(default + ["--checkpoint-dir", tmp_path / "a" / "checkpoint"], capsys)[0] == 0
+    code, _, err = call(default + ["--penalty", "1e-3"], capsys)
+    assert code == 2 and f"--out-dir {tmp_path / 'a'}: " in err and "use a new --out-dir" in err
+
+
+@pytest.mark.parametrize("command, name, what", [
+    (["predict", "--n", "3"], "p.npy", "predictions file"),
+    (["predict", "--n", "3"], "p.csv", "predictions file"),
+    (["evaluate", "--n", "3"], "e.json", "evaluation report"),
+    (["filters"], "f.png", "figure"),
+    (["filters"], "f.pdf", "figure"),
+])
+def test_full_disk_is_one_line_naming_the_file(files, tmp_path, capsys, failing_writes, command, name, what):
+    path = tmp_path / name
+    path.write_bytes(b"old")
+    failing_writes(OSError(errno.ENOSPC, "No space left on device"), room=1)
+    code, _, err = call(command + ["--model", files["conv"], "--out", path, "--overwrite"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (f"convrfm: error: cannot write the {what} {path}: No space left on device "
+                           "(the earlier file is unchanged)")
+    assert path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_full_disk_during_fit_names_the_checkpoint_and_leaves_nothing(tmp_path, capsys, failing_writes):
+    failing_writes(OSError(errno.ENOSPC, "No space left on device"))
+    code, _, err = call(FIT + ["--iterations", "0", "--out-dir", tmp_path / "run"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"convrfm: error: cannot write the checkpoint {tmp_path}/run/checkpoint/"
+                                            "convrfm_checkpoint.pt: No space left on device (nothing was written)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_in_a_write_names_the_file_and_leaves_no_temporary_file(files, tmp_path, capsys, failing_writes):
+    failing_writes(KeyboardInterrupt())
+    path = tmp_path / "p.npy"
+    code, _, err = call(["predict", "--model", files["conv"], "--n", "3", "--out", path], capsys)
+    assert code == 130 and err.strip() == f"convrfm: interrupted while writing the predictions file {path} " \
+                                          "(nothing was written)"
     assert list(tmp_path.iterdir()) == []
 
 
