@@ -13,6 +13,7 @@ images), encode / solve time, peak memory.
     python examples/feature_ablation.py --iterations 1 --power 0.5 --shrinkage 0.5
 """
 import argparse
+import dataclasses
 import resource
 import time
 
@@ -23,6 +24,28 @@ from falkon_convrfm.base_kernels import BASE_KERNELS
 from falkon_convrfm.features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
 from falkon_convrfm.metric import fixed_metric, metric_factor, patch_covariance, refine_metric, whitening_metric
 from falkon_convrfm.patches import PatchGeometry
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalisedPatches(PatchGeometry):
+    """Patches normalised for brightness and contrast before the metric (Coates & Ng 2011):
+    n(x_p) = (x_p − μ_p 1) / sqrt(v_p + ε), μ_p, v_p the mean and variance of the patch's entries.
+    By linearity Lᵀn(x_p) = (Lᵀx_p − μ_p Lᵀ1) / sqrt(v_p + ε): two box filters beside the conv."""
+
+    eps: float = 0.01
+
+    def patches(self, rows):
+        P = super().patches(rows)
+        mu, var = P.mean(-1, keepdim=True), P.var(-1, unbiased=False, keepdim=True)
+        return (P - mu) / (var + self.eps).sqrt()
+
+    def transformed_patches(self, rows, factor):
+        U = super().transformed_patches(rows, factor)  # (P, n, r)
+        ones = torch.ones(1, self.patch_dim, dtype=factor.dtype, device=factor.device)
+        box = PatchGeometry.transformed_patches(self, rows, ones.T / self.patch_dim)  # μ_p, (P, n, 1)
+        sq = PatchGeometry.transformed_patches(self, rows * rows, ones.T / self.patch_dim)  # mean of x²
+        var = (sq - box * box).clamp_min(0)
+        return (U - box * (ones @ factor)) / (var + self.eps).sqrt()
 
 
 def standardised(images: np.ndarray, mean=None, std=None):
@@ -49,6 +72,8 @@ def main(argv=None):
     p.add_argument("--power", type=float, default=0.5)
     p.add_argument("--shrinkage", type=float, default=0.0)
     p.add_argument("--agop-samples", type=int, default=1000)
+    p.add_argument("--patch-norm", type=float, metavar="EPS",
+                   help="normalise each patch's brightness and contrast, (x − μ) / sqrt(var + EPS)")
     p.add_argument("--penalties", default="1e-4,1e-3,1e-2,1e-1")
     args = p.parse_args(argv)
 
@@ -60,7 +85,8 @@ def main(argv=None):
     Xtr, mean, std = standardised(data["images"][tr])
     Xva, _, _ = standardised(data["images"][va], mean, std)
     ytr, yva = torch.tensor(labels[tr]).long(), torch.tensor(labels[va]).long()
-    geometry = PatchGeometry((3, 32, 32), args.patch_size)
+    geometry = (PatchGeometry((3, 32, 32), args.patch_size) if args.patch_norm is None
+                else NormalisedPatches((3, 32, 32), args.patch_size, eps=args.patch_norm))
     rows, val_rows = Xtr.reshape(len(Xtr), -1), Xva.reshape(len(Xva), -1)
     gen = torch.Generator().manual_seed(1)
     sample = rows[torch.randperm(len(rows), generator=gen)[:2000]]

@@ -1,0 +1,4 @@
+"""``python -m falkon_convrfm``: the ``convrfm`` command line."""
+from .cli import main
+
+main()
