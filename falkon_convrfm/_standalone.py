@@ -35,7 +35,7 @@ def plan_blocks(n: int, m: int, extra: dict, budget: float, full_m: bool = False
     if nb < 1 or mb < 1:
         raise ValueError(
             f"The memory budget ({budget:.3g} elements) is too small for even one row block of this "
-            f"kernel (needs ~{a + b + c + 1:.3g}): raise max_cpu_mem / max_gpu_mem."
+            f"kernel (needs ~{a + b + c + 1:.3g}): raise max_memory."
         )
     return min(nb, n), min(mb, m)
 

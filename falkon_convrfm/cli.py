@@ -1,12 +1,14 @@
 """``convrfm``: fit, predict, evaluate, draw filters, plan memory, show backends.
 
 A user error (a bad option value, a missing, unreadable or wrong file, an output that cannot be
-written) ends the command with one line on stderr, ``convrfm: error: ...``, and exit status 2;
-``--debug`` shows the traceback instead. Output paths are checked before any work is done: an
-existing output (a file, or an earlier run in ``--out-dir``) is replaced only with ``--overwrite``.
-Every file is written atomically (:func:`~falkon_convrfm.persistence.atomic_file`): a failed write
-(disk full, no permission) leaves no partial file and names the file. Ctrl-C exits with status 130;
-``fit`` then says that rerunning it resumes from its checkpoint.
+written, a memory budget too small) ends the command with one line on stderr, ``convrfm: error:
+...``, and exit status 2; ``--debug`` shows the traceback instead. Errors and warnings of the
+estimators are shown in the command line's words (:func:`in_user_words`): a parameter as the
+option that sets it, the data as the option that named it. Output paths are checked before any
+work is done: an existing output (a file, or an earlier run in ``--out-dir``) is replaced only with
+``--overwrite``. Every file is written atomically (:func:`~falkon_convrfm.persistence.atomic_file`):
+a failed write (disk full, no permission) leaves no partial file and names the file. Ctrl-C exits
+with status 130; ``fit`` then says that rerunning it resumes from its checkpoint.
 The estimator options take their defaults from the estimators' signatures.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import re
 import shutil
 import sys
 import time
@@ -57,6 +60,11 @@ CONV_PARAMS = _on_command_line(CONVRFM_PARAMS)
 ESTIMATOR_OPTIONS = {name: table[name] for table in (PATCH_FEATURE_PARAMS, CONVRFM_PARAMS, SHARED_TABLE)
                      for name in _on_command_line(table)}
 MODELS = {"conv": ConvRFM, "deep": DeepConvRFM, "features": PatchFeatureRFM}
+# The options that set estimator parameters, by parameter name (for the estimators' messages).
+PARAM_OPTIONS = {**{name: p.option for name, p in ESTIMATOR_OPTIONS.items()}, "width": LAYER_PARAMS["width"].option,
+                 "max_memory": "--max-memory-gb", "checkpoint_dir": "--checkpoint-dir"}
+DATA_NAMES = ("X", "y", "X_val", "y_val")  # the estimators' names of the data
+DIGITS_SHAPE = (1, 8, 8)  # the image shape of the built-in digits
 
 
 def conv_default(name: str):
@@ -121,6 +129,41 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _one_line(error) -> str:
     text = " ".join(str(error).split())
     return text or type(error).__name__
+
+
+def user_words(args) -> dict:
+    """The command line's words for the names in the estimators' messages: each parameter's option
+    (:data:`PARAM_OPTIONS`) and, for a command that reads data, X / y / X_val / y_val as the
+    options that named the data."""
+    words = dict(PARAM_OPTIONS)
+    dataset = getattr(args, "dataset", None)
+    if dataset is not None:
+        data = f"--data {args.data}" if args.data else f"--dataset {dataset}"
+        words.update(X=data, y=f"the labels of {data}")
+    if getattr(args, "val_data", None):
+        words.update(X_val=f"--val-data {args.val_data}", y_val=f"the labels of --val-data {args.val_data}")
+    return words
+
+
+def in_user_words(text: str, words: dict) -> str:
+    """``text`` with the names of ``words`` in their words: ``name=value`` → ``word value``; a bare
+    name only when it cannot be an ordinary word (it has an underscore, or names the data)."""
+    def replace(match):
+        name, value = match.group(1), match.group(2)
+        if value is not None:
+            return f"{words[name]} {value.strip(chr(39))}"
+        return words[name] if "_" in name or name in DATA_NAMES else name
+
+    names = "|".join(map(re.escape, sorted(words, key=len, reverse=True)))
+    return re.sub(rf"(?<![\w.-])({names})(?!\w)(?:=('[^']*'|\([^)]*\)|[^\s,;:)]+))?", replace, text)
+
+
+def memory_advice(args) -> str:
+    """What to do after a MemoryError: raise a --max-memory-gb that was given, else use less."""
+    given = getattr(args, "max_memory_gb", None)
+    if given is not None:
+        return f"--max-memory-gb {given:g} is too small for this fit: raise it"
+    return "use fewer images or --centres, or --max-memory-gb to bound the memory a step uses"
 
 
 # ---------------------------------------------------------------------------- files and folders
@@ -444,8 +487,8 @@ def cmd_fit(args):
     if not args.checkpoint_dir:  # the default checkpoint has served its purpose: model.pt holds the result
         shutil.rmtree(checkpoints, ignore_errors=True)
     scores = ", ".join(f"{k} {v:.4f}" for k, v in metric.validation_scores(metric.best).items()) or "no validation data"
-    print(f"fitted on {len(y)} images of {name} in {seconds:.1f} s; validation: {val_name}; "
-          f"kept iteration {metric.best}: {scores}")
+    print(f"fitted on {len(y)} images of {name} in {seconds:.1f} s with --seed {model.seed_} (give it to repeat "
+          f"this fit); validation: {val_name}; kept iteration {metric.best}: {scores}")
     print(f"wrote {out}/model.pt, history.json, curves.png, filters.png")
 
 
@@ -458,9 +501,22 @@ def save_predictions(pred: np.ndarray, path: Path) -> None:
             np.savetxt(f, pred.reshape(len(pred), -1), fmt="%s", delimiter=",")
 
 
+def model_dataset(args, model) -> str:
+    """--dataset, by default the built-in digits for a model fitted on images of their shape;
+    ValueError for another model, which was fitted on other data."""
+    if args.dataset is not None:
+        return args.dataset
+    if tuple(model.image_shape_) != DIGITS_SHAPE:
+        raise ValueError(f"--dataset is required: --model {args.model} was fitted on images of shape "
+                         f"{tuple(model.image_shape_)}, not on the built-in digits {DIGITS_SHAPE}; name its data with "
+                         "--dataset (and --data)")
+    return "digits"
+
+
 def cmd_predict(args):
     out = check_output_file(args.out, "--out", PREDICTION_SUFFIXES, args.overwrite)
     model = load_model(args.model)
+    args.dataset = model_dataset(args, model)
     data, name = load_data(args.dataset, args.data, args.split, args.layout, "test")
     X, _ = _first(data, args.n, "--n", name)
     pred = _numpy(model.predict(X))
@@ -486,6 +542,7 @@ def cmd_evaluate(args):
     model = load_model(args.model)
     if model.task_ != "classification":
         raise ValueError(f"--model {args.model} is a regression model; evaluate reports classification accuracy")
+    args.dataset = model_dataset(args, model)
     data, name = load_data(args.dataset, args.data, args.split, args.layout, "test")
     X, y = _first(data, args.n, "--n", name)
     scores, classes = model.evaluate(X, y), _numpy(model.classes_).tolist()
@@ -533,8 +590,8 @@ def cmd_plan(args):
 
 
 # ---------------------------------------------------------------------------- parser
-def _add_data(p):
-    p.add_argument("--dataset", choices=DATASETS, default="digits", help="which data")
+def _add_data(p, default="digits", help="which data"):
+    p.add_argument("--dataset", choices=DATASETS, default=default, help=help)
     p.add_argument("--data", help="dataset root (cifar10/100, svhn, mnist, fashion-mnist) or the split's file "
                    "(npz) / folder (folder) (default: none; digits and local-signal are built in)")
     p.add_argument("--split", choices=("train", "test"),
@@ -547,7 +604,7 @@ def _add_data(p):
 def _add_model_on_data(p):
     """The options of a command that runs a saved model on data; returns ``p``."""
     p.add_argument("--model", required=True, help="model.pt written by fit")
-    _add_data(p)
+    _add_data(p, None, "which data (default: digits for a model fitted on 8×8 grey images; required for others)")
     p.add_argument("--n", type=_integer(1), help="first N images only (default: all)")
     return p
 
@@ -640,10 +697,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
-
-
 def _interrupted(args, exc: KeyboardInterrupt) -> str:
     """'convrfm: interrupted', with the file being written when it was (``exc`` names it), and for
     ``fit`` how to resume."""
@@ -658,19 +711,28 @@ def main(argv=None):
     """Run ``convrfm`` with ``argv`` (default: the command line). User errors exit with status 2
     after one line on stderr, Ctrl-C with status 130."""
     args = build_parser().parse_args(argv)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{PROG}: warning: {in_user_words(_one_line(message), user_words(args))}", file=sys.stderr)
+
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            warnings.showwarning = show_warning
             args.func(args)
     except KeyboardInterrupt as exc:
         if args.debug:
             raise
         print(_interrupted(args, exc), file=sys.stderr)
         raise SystemExit(130) from None
+    except MemoryError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: out of memory ({_one_line(exc)}); {memory_advice(args)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {in_user_words(_one_line(exc), user_words(args))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from .params import AnyOf, Integer, OneOf, Param, check_params, param_default, t
 from .patches import PatchGeometry
 from .persistence import data_fingerprint, plain_dataclass
 from .rfm import ConvRFM
-from .validation import as_tensor, positive_int
+from .validation import DataWarning, as_tensor, positive_int
 
 NONLINEARITIES = ("relu", "none")
 # The fields of a LayerSpec that shape the feature map (the others are ConvRFM's parameters).
@@ -214,6 +215,14 @@ class DeepConvRFM(RFMEstimator):
     def _final_rfm(self, shape) -> ConvRFM:
         return ConvRFM(**self._final_params(shape, self.task_, self.seed_))
 
+    @staticmethod
+    def _fit_inner(rfm: ConvRFM, X, Y, X_val, Y_val) -> ConvRFM:
+        """Fit a layer's or the final ConvRFM; this model has given the warnings about the data
+        (:class:`~falkon_convrfm.validation.DataWarning`), so the ConvRFM does not repeat them."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            return rfm.fit(X, Y, X_val, Y_val)
+
     def _check_params(self):
         """Every parameter, the layers' and the final model's, checked before any work; returns
         the layer specs."""
@@ -243,7 +252,7 @@ class DeepConvRFM(RFMEstimator):
             else:
                 tic = time.perf_counter()
                 with peak_rss() as mem:
-                    rfm = self._layer_rfm(spec, index, shape).fit(Xtr, Ytr, Xval, Yval)
+                    rfm = self._fit_inner(self._layer_rfm(spec, index, shape), Xtr, Ytr, Xval, Yval)
                     M = rfm.M_
                     filters = random_conv_filters(M, shape[0], spec.patch_size, spec.width, gen).to(Xtr.device)
                 record = {"layer": index, "input_shape": shape, "convrfm_history": rfm.history_,
@@ -260,7 +269,7 @@ class DeepConvRFM(RFMEstimator):
             store.save(fingerprint, self.seed_, {"filters": self.filters_, "metrics": self.metrics_, "history": self.history_})
         tic = time.perf_counter()
         with peak_rss() as mem:
-            self.final_ = self._final_rfm(shape).fit(Xtr, Ytr, Xval, Yval)
+            self.final_ = self._fit_inner(self._final_rfm(shape), Xtr, Ytr, Xval, Yval)
         self.history_.append({"layer": "final", "input_shape": shape, "convrfm_history": self.final_.history_,
                               "best_iteration": self.final_.best_iteration_, "sigma": self.final_.sigma_,
                               "dc_weight": self.final_.dc_weight_, "time_layer": time.perf_counter() - tic, "peak_rss_gb": mem["peak"] / 2**30})

@@ -10,7 +10,15 @@ saving and loading (files: :mod:`falkon_convrfm.persistence`). The base knows no
 **random_state.** An int seeds every random choice of a fit (validation split, Nyström centres,
 AGOP rows, random filters). ``None`` draws a fresh seed from torch's global generator (so
 ``torch.manual_seed`` makes it reproducible), as in scikit-learn; a fit that resumes from a
-checkpoint reuses the seed the checkpoint was made with.
+checkpoint reuses the seed the checkpoint was made with. ``seed_`` holds the seed a fit used.
+
+**Warnings.** A fit warns (:class:`~falkon_convrfm.validation.DataWarning`, once) when its
+validation set has fewer than ``MIN_VALIDATION`` images, when its training images are all the
+same, and when ``X_val``'s values lie on another scale than ``X``'s; it warns when several
+iterations tie on the validation score (:func:`warn_tied_iterates`). ``input_range_``, the
+(min, max) of the training values (uint8 scaled to [0, 1], before preprocessing), is saved with
+the model; ``predict``, ``score`` and the other methods that take images warn when theirs lie
+on another scale (:func:`other_scale`).
 """
 from __future__ import annotations
 
@@ -28,7 +36,16 @@ from .persistence import (CheckpointStore, FILE_FORMAT, atomic_save, file_name, 
 from .preprocessing import PREPROCESSING, make_preprocessor, preprocess_rows
 from .scoring import accuracy, class_scores, decision_codes, evaluate
 from .solvers import SOLVERS
-from .validation import DTYPES, resolve_dtype
+from .validation import DTYPES, DataWarning, resolve_dtype, warn
+
+# Fewer validation images than this: one image moves the validation accuracy by more than a
+# point, about the size of the differences between iterates, so the choice among them is noise.
+MIN_VALIDATION = 100
+# Values lie on another scale than the training values when they reach beyond the training range
+# by more than its width, or span less than 1/SCALE_RATIO of it.
+SCALE_RATIO = 20
+# Fewer patch locations than this, with pixels no patch sees: the model ignores most of the image.
+MIN_LOCATIONS = 4
 
 
 @dataclasses.dataclass
@@ -74,6 +91,66 @@ class LearnedMetric:
         return {k: v for k, v in self.history[iteration].items() if k.startswith("val_")}
 
 
+def value_range(rows: torch.Tensor) -> tuple:
+    """(min, max) of the values of ``rows``, as floats."""
+    return float(rows.min()), float(rows.max())
+
+
+def other_scale(values: tuple, fitted: tuple) -> bool:
+    """Whether values with range ``values`` (min, max) lie on another scale than the training
+    range ``fitted``: beyond it by more than its width, or spanning less than 1/``SCALE_RATIO``
+    of it (e.g. pixels in [0, 255] for a model fitted on [0, 1], or the other way round). A
+    constant training range admits anything."""
+    (low, high), (f_low, f_high) = values, fitted
+    width = f_high - f_low
+    if width <= 0:
+        return False
+    return low < f_low - width or high > f_high + width or (high - low) * SCALE_RATIO < width
+
+
+def warn_other_scale(rows: torch.Tensor, fitted: tuple, name: str) -> None:
+    """Warn (once) when the values of ``rows`` lie on another scale than ``fitted`` (:func:`other_scale`)."""
+    values = value_range(rows)
+    if fitted is not None and other_scale(values, fitted):
+        warn(f"{name} has values in [{values[0]:.4g}, {values[1]:.4g}] but the model was fitted on values in "
+             f"[{fitted[0]:.4g}, {fitted[1]:.4g}]: on another scale (e.g. pixels in [0, 255] instead of [0, 1]) its "
+             f"predictions mean nothing; give {name} on the training scale", DataWarning)
+
+
+def warn_few_locations(geometry) -> None:
+    """Warn when the patch grid of ``geometry`` (a :class:`~falkon_convrfm.patches.PatchGeometry`)
+    has fewer than ``MIN_LOCATIONS`` locations and its patches leave pixels unseen."""
+    _, h, w = geometry.image_shape
+    count, seen = geometry.num_locations, geometry.covered_pixels
+    if count < MIN_LOCATIONS and seen < h * w:
+        padding = f", padding={geometry.padding}" if geometry.padding else ""
+        warn(f"patch_size={geometry.patch_size}, stride={geometry.stride}{padding} leave {count} patch "
+             f"location{'s' if count > 1 else ''} on the {h}×{w} images, whose patches see {seen} of the {h * w} "
+             "pixels: the model ignores the rest; use a smaller stride")
+
+
+def warn_tied_iterates(history: list, best: int, key: str) -> None:
+    """Warn when other iterations of ``history`` reach the validation score ``val_<key>`` of the
+    kept iteration ``best`` (the first of the tied ones is kept)."""
+    name = "val_" + key
+    kept = next(r for r in history if r["iteration"] == best)
+    tied = [r["iteration"] for r in history if name in r and r[name] == kept.get(name)]
+    if len(tied) > 1:
+        warn(f"iterations {', '.join(map(str, tied))} tie at {name} {kept[name]:.4f}: iteration {best} is kept "
+             "(the first of them), so the validation split does not show whether the metric updates helped; "
+             "more validation images tell them apart")
+
+
+def median_bandwidth(median: float, what: str) -> float:
+    """``sigma='median'``: the median distance ``median``, or a ValueError saying why there is
+    none (``what``: which distance)."""
+    if not median > 0:
+        raise ValueError(f"sigma='median' cannot be used: the median {what} distance of the training images is "
+                         f"{median:g} (most patches are the same in every image, e.g. constant images); give a "
+                         "positive bandwidth instead, or images that differ")
+    return median
+
+
 # The parameters of every estimator (defaults: the estimators' signatures).
 COMMON_PARAMS = table(
     Param("task", OneOf(TASKS), "classification, regression, or auto (read from the labels)"),
@@ -103,13 +180,15 @@ class RFMEstimator(BaseEstimator):
     """Shared machinery of the ConvRFM estimators (not used directly).
 
     Subclasses define ``_PARAMS`` (their :class:`~falkon_convrfm.params.Param` table), ``_FITTED`` (fitted attributes saved by :meth:`save`, the first one marks
-    a fitted model), ``_CHECKPOINT`` (the checkpoint file name), ``_scores(rows)`` (decision values
+    a fitted model; ``_OPTIONAL_FITTED`` are saved too, and None when a file made before them
+    lacks them), ``_CHECKPOINT`` (the checkpoint file name), ``_scores(rows)`` (decision values
     (n, C) of prepared rows), ``_to_device(device)`` and ``_restore()`` (rebuild derived state
     after loading).
     """
 
     _PARAMS: dict = {}
     _FITTED: tuple = ()
+    _OPTIONAL_FITTED: tuple = ("input_range_",)
     _CHECKPOINT = ""
 
     def __init_subclass__(cls, **kwargs):
@@ -148,7 +227,8 @@ class RFMEstimator(BaseEstimator):
     def _prepare(self, X, y, X_val, y_val, seed: int) -> PreparedData:
         """Validate and encode the data, split off validation rows (stratified for classes) unless
         ``X_val, y_val`` are given, fit the preprocessing on the training rows, move to the device.
-        Sets ``task_``, ``classes_``, ``image_shape_``, ``preprocessor_`` and ``seed_``."""
+        Sets ``task_``, ``classes_``, ``image_shape_``, ``preprocessor_``, ``input_range_`` and
+        ``seed_``; warns about data that cannot give a meaningful result (:meth:`_warn_data`)."""
         dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
         rows, image_shape = image_rows(X, self._input_shape(X, "X"), self.channels_last, dtype)
         self._check_image_shape(image_shape)
@@ -159,15 +239,18 @@ class RFMEstimator(BaseEstimator):
         if (X_val is None) != (y_val is None):
             raise ValueError("pass both X_val and y_val, or neither")
         if X_val is None:
-            tr, val = train_val_split(rows.shape[0], self.validation_fraction, seed, None if codes is None else codes.numpy())
+            tr, val = train_val_split(rows.shape[0], self.validation_fraction, seed,
+                                      None if codes is None else codes.numpy(), name="validation_fraction")
             Xtr, Ytr, Xval, Yval = rows[tr], Y[tr], rows[val], Y[val]
         else:
             Xtr, Ytr = rows, Y
             Xval, _ = image_rows(X_val, self._input_shape(X_val, "X_val", image_shape), self.channels_last, dtype,
-                                 name="X_val")
+                                 name="X_val", expected="X has images of shape {}")
             Yval, _, _ = encode_labels(y_val, Xval.shape[0], task, dtype, classes, name="y_val")
             if Yval.shape[1] != Ytr.shape[1]:
                 raise ValueError(f"y_val has {Yval.shape[1]} target columns but y has {Ytr.shape[1]}")
+        self.input_range_ = value_range(Xtr)
+        self._warn_data(Xtr, Xval, X_val is not None)
         self.preprocessor_ = make_preprocessor(self.preprocess)
         if self.preprocessor_ is not None:
             self.preprocessor_.fit(Xtr.reshape(-1, *image_shape))
@@ -176,11 +259,33 @@ class RFMEstimator(BaseEstimator):
         Xtr, Ytr, Xval, Yval = (t.to(device) for t in (Xtr, Ytr, Xval, Yval))
         return PreparedData(Xtr, Ytr, Xval, Yval, image_shape, generator)
 
+    def _warn_data(self, Xtr: torch.Tensor, Xval: torch.Tensor, given_val: bool) -> None:
+        """Warn (:class:`~falkon_convrfm.validation.DataWarning`) about training rows ``Xtr`` that
+        are all the same and about validation rows ``Xval`` (``given_val``: passed as ``X_val``,
+        else split off) too few to choose an iterate or on another scale."""
+        n, n_val = Xtr.shape[0], Xval.shape[0]
+        if n > 1 and bool((Xtr == Xtr[0]).all()):
+            low, high = self.input_range_
+            what = f"constant images (every value {low:g})" if low == high else "the same image"
+            warn(f"X: all {n} training images are {what}: the model cannot tell them apart and predicts one "
+                 "value for every image", DataWarning)
+        if 0 < n_val < MIN_VALIDATION:
+            where = (f"X_val has {n_val} images" if given_val else
+                     f"validation_fraction={self.validation_fraction:g} leaves {n_val} of the {n + n_val} images "
+                     "for validation")
+            advice = "more validation images" if given_val else "more images or a larger validation_fraction"
+            warn(f"{where}, fewer than {MIN_VALIDATION} (one image is {100 / n_val:.3g} % of them): the validation "
+                 f"scores and the iterate chosen by them are mostly noise; use {advice}", DataWarning)
+        if given_val:
+            warn_other_scale(Xval, self.input_range_, "X_val")
+
     def _rows(self, X, name: str = "X") -> torch.Tensor:
-        """Prediction input as preprocessed rows on the model's device."""
+        """Prediction input as preprocessed rows on the model's device (a warning when its values
+        lie on another scale than the training values)."""
         self._check_fitted()
         rows, _ = image_rows(X, self._input_shape(X, name, self.image_shape_), self.channels_last,
-                             resolve_dtype(self.dtype), name)
+                             resolve_dtype(self.dtype), name, expected="the model was fitted on images of shape {}")
+        warn_other_scale(rows, self.input_range_, name)
         return preprocess_rows(self.preprocessor_, rows.to(self._device()), self.image_shape_)
 
     # ------------------------------------------------------------------ prediction
@@ -262,7 +367,8 @@ class RFMEstimator(BaseEstimator):
     def _state(self) -> dict:
         return {"format": FILE_FORMAT, "class": type(self).__name__,
                 "params": to_plain(self.get_params(deep=False), "params"),
-                "fitted": {k: to_plain(getattr(self, k), k) for k in self._FITTED}}
+                "fitted": {**{k: to_plain(getattr(self, k), k) for k in self._FITTED},
+                           **{k: to_plain(getattr(self, k, None), k) for k in self._OPTIONAL_FITTED}}}
 
     @classmethod
     def _from_state(cls, state, source: str):
@@ -278,6 +384,8 @@ class RFMEstimator(BaseEstimator):
             model = cls(**from_plain(state["params"], source))
             for k in cls._FITTED:
                 setattr(model, k, from_plain(fitted[k], source))
+            for k in cls._OPTIONAL_FITTED:
+                setattr(model, k, from_plain(fitted.get(k), source))
             model._restore()
         except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base_kernels import BASE_KERNELS
-from .estimator import COMMON_PARAMS, RFMEstimator
+from .estimator import COMMON_PARAMS, RFMEstimator, median_bandwidth, warn_few_locations, warn_tied_iterates
 from .features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
 from .memory import memory_budget
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
@@ -188,6 +188,7 @@ class PatchFeatureRFM(RFMEstimator):
     def _check_image_shape(self, image_shape):
         geometry = self._geometry(image_shape)
         pooling_matrix(geometry.out_shape, self.pooling)
+        warn_few_locations(geometry)
 
     def _start_metric(self, patches: torch.Tensor) -> torch.Tensor:
         d = patches.shape[-1]
@@ -206,7 +207,7 @@ class PatchFeatureRFM(RFMEstimator):
         if self.sigma != "median":
             return float(self.sigma)
         L = metric_factor(M).to(atoms.device, atoms.dtype)
-        return median_atom_distance(patches[:MEDIAN_PATCHES] @ L, atoms @ L)
+        return median_bandwidth(median_atom_distance(patches[:MEDIAN_PATCHES] @ L, atoms @ L), "patch-to-atom")
 
     def _memory(self) -> float:
         return memory_budget(self.max_memory, self.device, default=DEFAULT_MEMORY)
@@ -280,6 +281,7 @@ class PatchFeatureRFM(RFMEstimator):
         self.best_iteration_, self.M_, self.sigma_, self.penalty_ = best["iteration"], best["M"], best["sigma"], best["penalty"]
         self.coef_, self.intercept_ = best["coef"], best["intercept"]
         self._restore()
+        warn_tied_iterates(self.history_, self.best_iteration_, key)
         return self
 
     # ------------------------------------------------------------------ fitted model

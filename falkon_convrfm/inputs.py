@@ -66,13 +66,15 @@ def channels_last_layout(shape, channels_last="auto", image_shape=None, name: st
     raise ValueError(f"{name} has shape {tuple(shape)}: cannot tell where its channel axis is; {LAYOUT_HINT}")
 
 
-def image_rows(X, image_shape=None, channels_last="auto", dtype=torch.float32, name: str = "X"):
+def image_rows(X, image_shape=None, channels_last="auto", dtype=torch.float32, name: str = "X",
+               expected: str = "image_shape={}"):
     """Images → (rows (n, c·H·W), image_shape).
 
     Accepts (n, c, H, W) or (n, H, W, c) (see :func:`channels_last_layout`), (n, H, W) grey
     images, or flat rows (n, c·H·W) in the C-order of (c, H, W) when ``image_shape`` is given;
     torch tensors or numpy arrays. uint8 images are scaled to [0, 1]. Raises ValueError on shape
-    mismatch, NaN/Inf or empty data, TypeError on other types.
+    mismatch, NaN/Inf or empty data, TypeError on other types. ``expected`` says where a given
+    ``image_shape`` comes from in a mismatch error (formatted with the shape).
     """
     X = as_tensor(X, name)
     if X.dim() == 3:
@@ -82,7 +84,7 @@ def image_rows(X, image_shape=None, channels_last="auto", dtype=torch.float32, n
             X = X.permute(0, 3, 1, 2)
         shape = tuple(X.shape[1:])
         if image_shape is not None and tuple(image_shape) != shape:
-            raise ValueError(f"{name} has images of shape {shape} but image_shape={tuple(image_shape)}")
+            raise ValueError(f"{name} has images of shape {shape} but {expected.format(tuple(image_shape))}")
         image_shape = shape
     elif X.dim() == 2:
         if image_shape is None:
@@ -91,8 +93,8 @@ def image_rows(X, image_shape=None, channels_last="auto", dtype=torch.float32, n
             warn(f"channels_last=True is ignored for the flat rows {name}: rows are read in the C-order of (c, H, W)")
         if X.shape[1] != int(np.prod(image_shape)):
             raise ValueError(
-                f"{name} has rows of length {X.shape[1]} but image_shape={tuple(image_shape)} needs "
-                f"{int(np.prod(image_shape))}"
+                f"{name} has rows of length {X.shape[1]} but {expected.format(tuple(image_shape))} "
+                f"(rows of length {int(np.prod(image_shape))})"
             )
     else:
         raise ValueError(f"{name} must be images (n, c, H, W) / (n, H, W, c) or rows (n, D), got shape {tuple(X.shape)}")
@@ -238,23 +240,24 @@ def _generator(random_state) -> np.random.Generator:
     return np.random.default_rng(check_random_state(random_state))
 
 
-def _validation_count(n: int, val_size) -> int:
-    """The number of validation items for ``val_size`` (a count, or a fraction of n, rounded)."""
+def _validation_count(n: int, val_size, name: str = "val_size") -> int:
+    """The number of validation items for ``val_size`` (a count, or a fraction of n, rounded);
+    errors call it ``name``."""
     if isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool):
         n_val = int(val_size)
     elif isinstance(val_size, numbers.Real) and not isinstance(val_size, bool) and 0 <= val_size < 1:
         n_val = round(val_size * n)
     else:
-        raise ValueError(f"val_size must be an int or a fraction in [0, 1), got {val_size!r}")
+        raise ValueError(f"{name} must be an int or a fraction in [0, 1), got {val_size!r}")
     if val_size != 0 and not 0 < n_val < n:
         raise ValueError(
-            f"val_size={val_size!r} gives {n_val} validation items; the validation set must have "
-            f"between 1 and n - 1 = {n - 1} items (val_size=0 for no validation set)"
+            f"{name}={val_size!r} gives {n_val} validation items; the validation set must have "
+            f"between 1 and n - 1 = {n - 1} items ({name}=0 for no validation set)"
         )
     return n_val
 
 
-def train_val_split(n: int, val_size, random_state=None, labels=None):
+def train_val_split(n: int, val_size, random_state=None, labels=None, name: str = "val_size"):
     """Random (train, validation) index tensors (int64, sorted) partitioning range(n).
 
     Parameters
@@ -270,6 +273,8 @@ def train_val_split(n: int, val_size, random_state=None, labels=None):
         Stratify by these labels: each class gives its proportional share
         ``n_val · n_c / n`` of the validation set, the largest remainders rounded up so that
         the total is exactly ``n_val``.
+    name : str, default "val_size"
+        What errors call ``val_size`` (the caller's parameter, e.g. ``validation_fraction``).
 
     Returns
     -------
@@ -277,7 +282,7 @@ def train_val_split(n: int, val_size, random_state=None, labels=None):
         Sorted int64 index tensors, disjoint, together ``range(n)``.
     """
     n = positive_int("n", n)
-    n_val = _validation_count(n, val_size)
+    n_val = _validation_count(n, val_size, name)
     if labels is not None:
         y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
         if y.size != n:

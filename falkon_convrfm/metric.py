@@ -146,6 +146,9 @@ def whitening_metric(cov: torch.Tensor, eps: float) -> torch.Tensor:
     d = cov.shape[0]
     evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
     evals = evals.clamp_min(0) + eps * evals.clamp_min(0).mean()
+    if not evals.max() > 0:
+        raise ValueError("the patch covariance is 0 (the training patches are all the same, e.g. constant images): "
+                         "there is nothing to whiten (metric='whiten')")
     if not evals.min() > 0:
         raise ValueError("the patch covariance is singular: whitening needs eps > 0")
     return normalise_trace((evecs / evals) @ evecs.T, d)

@@ -53,6 +53,27 @@ class PatchGeometry:
         return ho * wo
 
     @property
+    def covered_pixels(self) -> int:
+        """How many pixels of an image (per channel) lie in at least one patch."""
+        _, h, w = self.image_shape
+
+        def covered(size: int, locations: int) -> int:
+            seen = torch.zeros(size, dtype=torch.bool)
+            for i in range(locations):
+                start = i * self.stride - self.padding
+                seen[max(start, 0) : max(start + self.patch_size, 0)] = True
+            return int(seen.sum())
+
+        ho, wo = self.out_shape
+        return covered(h, ho) * covered(w, wo)
+
+    @property
+    def widest_window(self) -> int:
+        """The narrowest pooling window that pairs every location with every other: 2·max(Ho, Wo) − 1
+        (a wider one adds offsets that fall off the grid everywhere)."""
+        return 2 * max(self.out_shape) - 1
+
+    @property
     def patch_dim(self) -> int:
         """d = c·q²."""
         return self.image_shape[0] * self.patch_size**2
@@ -66,9 +87,11 @@ class PatchGeometry:
     def window_partners(self, window: int) -> torch.Tensor:
         """Location pairs of a w×w pooling window: (w², P) int64, row k = offset δ_k = (di, dj)
         (row-major over {−h..h}², h = w // 2), entry p = the location p + δ_k on the (Ho, Wo)
-        grid, or −1 where p + δ_k falls outside it. w = 1 gives the aligned pairs (p, p)."""
+        grid, or −1 where p + δ_k falls outside it. w = 1 gives the aligned pairs (p, p); a window
+        wider than :attr:`widest_window` gives the pairs of the widest one (the other offsets pair
+        no location)."""
         ho, wo = self.out_shape
-        h = window // 2
+        h = min(window, self.widest_window) // 2
         a = torch.arange(ho).repeat_interleave(wo)
         b = torch.arange(wo).repeat(ho)
         rows = []

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ._compat import resolve_device
 from .agop import agop_memory_budget, patch_agop
 from .base_kernels import BASE_KERNELS
-from .estimator import SHARED_PARAMS, RFMEstimator
+from .estimator import SHARED_PARAMS, RFMEstimator, median_bandwidth, warn_few_locations, warn_tied_iterates
 from .kernel import ConvMahalanobisKernel, median_patch_distance
 from .metric import dc_direction, fixed_metric, spectrum_summary, update_metric
 from .params import FACTORS, FLAG, IMAGE_SHAPE, AnyOf, Bandwidth, Integer, Interval, OddInteger, OneOf, Param, Positive, param_default, table
@@ -108,7 +108,9 @@ class ConvRFM(RFMEstimator):
     pool_window : int, default 1
         Odd w ≥ 1. Local pooling: patch p of one image is compared with the patches in the w×w
         window around p in the other (see :class:`ConvMahalanobisKernel`); 1 is the aligned
-        kernel; the cost grows as w².
+        kernel; the cost grows as w². A window wider than the patch grid needs (2·max(Ho, Wo) − 1
+        for an Ho×Wo grid: every pair of locations) is clipped to it, with a warning: the kernel
+        is the same.
     kernel : {"laplace", "gaussian", "ntk"}, default "laplace"
         Base patch kernel.
     sigma : float or "median", default "median"
@@ -334,7 +336,7 @@ class ConvRFM(RFMEstimator):
         cause = "too small: every image looks unrelated to every other" if shape == "diagonal" else \
             "too large: every pair of images looks the same"
         advice = ("this is the median aligned-patch distance, so the images themselves are degenerate "
-                  "(check the preprocessing)" if math.isclose(self.sigma_, median, rel_tol=1e-6)
+                  "(check the preprocessing)" if math.isclose(self.sigma_, median, rel_tol=1e-6) or not median > 0
                   else f"try sigma={median:.4g}, the median aligned-patch distance (sigma='median')")
         warn(f"The iteration-0 kernel matrix on {rows.shape[0]} training rows is numerically {shape} with "
              f"sigma={self.sigma_:.4g} ({cause}); {advice}")
@@ -359,7 +361,14 @@ class ConvRFM(RFMEstimator):
 
     # ------------------------------------------------------------------ fit
     def _check_image_shape(self, image_shape):
-        PatchGeometry(image_shape, self.patch_size, self.stride, self.padding)  # geometry errors early
+        """Geometry errors early; warnings for a grid of few locations and a window wider than it."""
+        geometry = PatchGeometry(image_shape, self.patch_size, self.stride, self.padding)
+        warn_few_locations(geometry)
+        if self.pool_window > geometry.widest_window:
+            ho, wo = geometry.out_shape
+            warn(f"pool_window={self.pool_window} is wider than the {ho}×{wo} grid of patch locations: "
+                 f"pool_window={geometry.widest_window} compares every pair of locations already and is used "
+                 "instead (the same kernel, at a fraction of the cost)")
 
     def _prepare(self, X, y, X_val, y_val, seed):
         """The shared preparation (:meth:`RFMEstimator._prepare`), then ±1 targets for the
@@ -390,7 +399,7 @@ class ConvRFM(RFMEstimator):
         rows = Xtr[torch.randperm(n, generator=gen)[:DATA_ROWS].to(Xtr.device)]
         self.dc_weight_, M, median = self._data_defaults(rows, image_shape)
         weights = None
-        self.sigma_ = median if self.sigma == "median" else float(self.sigma)
+        self.sigma_ = median_bandwidth(median, "aligned-patch") if self.sigma == "median" else float(self.sigma)
         self.penalty_, self.tuning_ = float(self.penalty), []
         fingerprint = data_fingerprint(Xtr, Ytr, Xval)
         state = store.load(fingerprint)  # tensors on the CPU; the predictor goes to the fit device
@@ -442,6 +451,7 @@ class ConvRFM(RFMEstimator):
                 "next": t + 1, "M": M, "weights": weights, "best": best, "history": self.history_,
                 "metrics": self.metrics_, "sigma": self.sigma_, "penalty": self.penalty_, "tuning": self.tuning_})
         self._set_best(best)
+        warn_tied_iterates(self.history_, self.best_iteration_, key)
         return self
 
     def _set_best(self, best):

@@ -19,6 +19,12 @@ import torch
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+class DataWarning(UserWarning):
+    """A warning about the data a model was given (too few validation images, identical images,
+    values on another scale): the model that received the data from the user gives it; the models
+    fitted inside it (the layers of a deep model) do not repeat it."""
+
+
 def warn(message: str, category=UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside this package (the user's line)."""
     frame, level = sys._getframe(1), 2

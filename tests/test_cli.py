@@ -5,6 +5,7 @@ import errno
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import falkon_convrfm.cli as cli
-from falkon_convrfm import HAS_FALKON
+from falkon_convrfm import HAS_FALKON, ConvRFM, load_model
 from falkon_convrfm.cli import build_parser, main
 
 FIT = ["fit", "--dataset", "digits", "--n-train", "400", "--iterations", "1", "--centres", "300",
@@ -60,6 +61,10 @@ def files(tmp_path_factory):
     (d / "a_file").write_text("")
     for name in ("old.npy", "old.json"):  # earlier outputs
         (d / name).write_text("old")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few images: a small validation split
+        ConvRFM(iterations=0, solver="exact", progress=False, random_state=0).fit(
+            np.random.default_rng(0).random((30, 1, 10, 10)), np.arange(30) % 2).save(d / "other.pt")
     conv, deep = d / "conv", d / "deep"
     for argv in (FIT + ["--out-dir", conv],
                  ["fit", "--model", "deep", "--dataset", "npz", "--data", d / "train.npz", "--val-data", d / "val.npz",
@@ -103,7 +108,7 @@ USER_ERRORS = [
     (["plan", "--n", "100", "--centres", "-1"], "argument --centres"),
     (["plan", "--n", "100", "--image-shape", "3", "32"], "expected 3 arguments"),
     (["plan"], "required: --n"),
-    (["plan", "--n", "100", "--patch-size", "40"], "patch_size=40 is larger than the padded image"),
+    (["plan", "--n", "100", "--patch-size", "40"], "--patch-size 40 is larger than the padded image"),
     (["filters", "--model", "{conv}", "--k", "0"], "argument --k"),
     (["filters", "--model", "{conv}", "--iteration", "-1"], "argument --iteration: value must be an integer >= 0"),
     # files and folders, checked before any work
@@ -159,7 +164,14 @@ USER_ERRORS = [
     (["fit", "--dc-weight", "-1"], "dc_weight"),
     (["fit", "--val-fraction", "1.5"], "validation_fraction"),
     (["fit", "--patch-size", "20"], "patch"),
-    (["fit", "--val-data", "{dir}/val16.npz"], "X_val has images of shape (1, 16, 16)"),
+    (["fit", "--val-data", "{dir}/val16.npz"],
+     "--val-data {dir}/val16.npz has images of shape (1, 16, 16) but --dataset digits has images of shape (1, 8, 8)"),
+    (["fit", "--n-train", "100", "--val-fraction", "0.001"], "--val-fraction 0.001 gives 0 validation items"),
+    (["evaluate", "--model", "{dir}/other.pt"], "--dataset is required: --model {dir}/other.pt was fitted on images "
+                                                "of shape (1, 10, 10), not on the built-in digits"),
+    (["predict", "--model", "{dir}/other.pt", "--out", "{dir}/p.npy"], "--dataset is required"),
+    (["evaluate", "--model", "{dir}/other.pt", "--dataset", "npz", "--data", "{dir}/val16.npz"],
+     "--data {dir}/val16.npz has images of shape (1, 16, 16) but the model was fitted on images of shape (1, 10, 10)"),
     (["evaluate", "--model", "{conv}", "--dataset", "npz", "--data", "{dir}/val16.npz"], "(1, 16, 16)"),
     # what a fitted model does not have
     (["filters", "--model", "{conv}", "--iteration", "7"], "--iteration 7 is out of range: ConvRFM has iteration 0..1"),
@@ -417,3 +429,40 @@ def test_missing_data_path_is_a_clear_error(capsys):
 def test_parser_rejects_unknown_dataset():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fit", "--dataset", "imagenet"])
+
+
+# ---------------------------------------------------------------------------- the user's words
+def test_messages_use_the_options_that_set_the_parameters():
+    words = cli.user_words(build_parser().parse_args(["fit", "--dataset", "npz", "--data", "a.npz",
+                                                      "--val-data", "v.npz"]))
+    for text, expected in [
+        ("validation_fraction=0.1 leaves 6 of the 60 images", "--val-fraction 0.1 leaves 6 of the 60 images"),
+        ("sigma='median' cannot be used by the exact solver", "--sigma median cannot be used by the exact solver"),
+        ("n_centres=10 is ignored; raise max_memory.", "--centres 10 is ignored; raise --max-memory-gb."),
+        ("X_val has 3 images but X has 4", "--val-data v.npz has 3 images but --data a.npz has 4"),
+        ("the kernel and the penalty (not the stride)", "the kernel and the penalty (not the stride)"),
+    ]:
+        assert cli.in_user_words(text, words) == expected
+
+
+def test_a_budget_too_small_names_max_memory_gb(files, tmp_path, capsys):
+    code, out, err = call(["fit", "--n-train", "100", "--iterations", "0", "--max-memory-gb", "1e-9", "--quiet",
+                           "--solver", "exact", "--out-dir", tmp_path / "run"], capsys)
+    error = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and "Traceback" not in err and len(error) == 1, err
+    assert "--max-memory-gb" in error[0] and "max_cpu_mem" not in error[0] and "max_memory" not in error[0]
+
+
+def test_fit_warns_in_option_words_and_prints_the_seed_that_repeats_it(tmp_path, capsys):
+    argv = ["fit", "--n-train", "100", "--iterations", "1", "--stride", "9", "--solver", "exact", "--quiet"]
+    code, out, err = call(argv + ["--out-dir", tmp_path / "a"], capsys)
+    assert code == 0
+    assert "convrfm: warning: --patch-size 3, --stride 9 leave 1 patch location on the 8×8 images" in err
+    assert "convrfm: warning: --val-fraction 0.1 leaves 10 of the 100 images for validation" in err
+    seed = load_model(tmp_path / "a" / "model.pt").seed_
+    assert f"with --seed {seed} " in out
+    code, again, _ = call(argv + ["--seed", seed, "--out-dir", tmp_path / "b"], capsys)
+    history = [json.loads((tmp_path / run / "history.json").read_text())["history"] for run in "ab"]
+    assert code == 0 and [r["val_accuracy"] for r in history[0]] == [r["val_accuracy"] for r in history[1]]
+    result = [text.splitlines()[0].split(";", 1)[1] for text in (out, again)]
+    assert result[0] == result[1]  # the same validation and kept iteration

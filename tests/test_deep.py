@@ -518,3 +518,14 @@ def test_deep_preprocesses_once_with_default_settings():
     assert model.preprocessor_ is not None and model.final_.preprocessor_ is None
     assert model.final_.sigma == "median" and model.final_.sigma_ > 0
     assert [rec["dc_weight"] for rec in model.history_] == [None, model.final_.dc_weight_]
+
+
+def test_data_warnings_come_once_from_the_deep_model():
+    """The layers' ConvRFMs, fitted on the same split, do not repeat the warnings about the data."""
+    X, y = load_digit_images(45)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        deep_model().fit(X, y)
+    messages = [str(w.message) for w in record]
+    assert len([m for m in messages if "leaves 4 of the 45 images for validation, fewer than 100" in m]) == 1
+    assert not [m for m in messages if m.startswith("X_val has")]

@@ -157,7 +157,9 @@ def test_whitening_errors():
     with pytest.raises(ValueError, match="eps must be >= 0"):
         whitening_metric(torch.eye(3), -1.0)
     with pytest.raises(ValueError, match="singular"):
-        whitening_metric(torch.zeros(3, 3), 0.0)
+        whitening_metric(torch.diag(torch.tensor([1.0, 0.0, 0.0])), 0.0)
+    with pytest.raises(ValueError, match="covariance is 0 .* constant images"):  # any eps: nothing to whiten
+        whitening_metric(torch.zeros(3, 3), 0.1)
 
 
 def test_refine_metric_keeps_or_replaces():
@@ -290,3 +292,15 @@ def test_preset_parameters_and_overrides():
     assert PatchFeatureRFM.preset("cifar10", device="cuda").n_atoms > model.n_atoms
     with pytest.raises(ValueError, match="unknown preset 'imagenet'; presets: cifar10"):
         PatchFeatureRFM.preset("imagenet")
+
+
+def test_estimator_warns_about_few_locations_and_names_constant_images():
+    X, y = _images(60)
+    with pytest.warns(UserWarning, match=r"patch_size=3, stride=20 leave 1 patch location"):
+        PatchFeatureRFM(patch_size=3, stride=20, n_atoms=8, pooling=1, iterations=0, random_state=0,
+                        progress=False).fit(X, y)
+    with pytest.warns(UserWarning, match="constant images"), \
+            pytest.raises(ValueError, match="median patch-to-atom distance of the training images is 0"):
+        PatchFeatureRFM(patch_size=3, n_atoms=8, metric="identity", iterations=0, progress=False).fit(0 * X, y)
+    with pytest.warns(UserWarning, match="constant images"), pytest.raises(ValueError, match="nothing to whiten"):
+        PatchFeatureRFM(patch_size=3, n_atoms=8, iterations=0, progress=False).fit(0 * X, y)

@@ -41,3 +41,22 @@ def test_transformed_patches_are_projected_patches(rng):
     projected = geometry.transformed_patches(rows, factor)  # (P, n, r)
     torch.testing.assert_close(projected.transpose(0, 1), geometry.patches(rows) @ factor)
     assert geometry.filters(factor).shape == (5, 2, 3, 3)
+
+
+@pytest.mark.parametrize("shape, q, stride, padding, covered", [
+    ((1, 8, 8), 3, 1, 0, 64), ((1, 8, 8), 3, 9, 0, 9), ((1, 8, 8), 2, 3, 0, 36), ((1, 8, 8), 3, 9, 1, 4),
+    ((3, 5, 7), 5, 1, 0, 35),
+])
+def test_covered_pixels(shape, q, stride, padding, covered):
+    geometry = PatchGeometry(shape, q, stride, padding)
+    images = torch.zeros(1, *shape)
+    seen = F.fold(F.unfold(images + 1, q, padding=padding, stride=stride), shape[1:], q, padding=padding, stride=stride)
+    assert geometry.covered_pixels == covered == int((seen[0, 0] > 0).sum())
+
+
+def test_windows_wider_than_the_grid_are_the_widest_one():
+    geometry = PatchGeometry((1, 5, 6), 3)  # a 3×4 grid: every pair of locations is within offsets ±3
+    assert geometry.widest_window == 7
+    widest = geometry.window_partners(7)
+    assert torch.equal(geometry.window_partners(99), widest)
+    assert (widest >= 0).sum() == 12 * 12  # every (location, location) pair once

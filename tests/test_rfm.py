@@ -7,6 +7,7 @@ test is about Falkon.
 from __future__ import annotations
 
 import math
+import warnings
 import re
 import numpy as np
 import pytest
@@ -398,7 +399,8 @@ def test_predict_before_fit(digits):
 
 
 def test_predict_with_wrong_image_shape(fitted):
-    with pytest.raises(ValueError, match="image_shape"):
+    with pytest.raises(ValueError, match=re.escape("X has images of shape (1, 7, 7) but the model was fitted on "
+                                                   "images of shape (1, 8, 8)")):
         fitted.predict(np.zeros((2, 1, 7, 7)))
 
 
@@ -541,3 +543,108 @@ def test_degeneracy():
     assert rfm_module.degeneracy(K + 1e-3) is None
     assert rfm_module.degeneracy(torch.ones(4, 4) * 0.7) == "constant"
     assert rfm_module.degeneracy(torch.ones(4, 4) + 1e-9 * torch.eye(4, dtype=torch.float64)) == "constant"
+
+
+# ---------------------------------------------------------------------------------------------
+# Warnings when a result cannot mean anything (each once per fit, and only when it should)
+# ---------------------------------------------------------------------------------------------
+def _warnings_of(call) -> list:
+    """The warning messages ``call()`` gives (every one, not only the first per line)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+
+
+def _with(messages, phrase) -> list:
+    return [m for m in messages if phrase in m]
+
+
+@pytest.fixture(scope="module")
+def plenty():
+    """300 digits of classes 0–9 for training and 120 others for validation: enough for no warning."""
+    data = load_digits()
+    X, y = (data.images / 16.0)[:, None].astype(np.float64), data.target
+    return X[:300], y[:300], X[300:420], y[300:420]
+
+
+def test_a_normal_fit_and_prediction_warn_nothing(plenty, tmp_path):
+    X, y, X_val, y_val = plenty
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = small(iterations=1).fit(X, y, X_val, y_val)
+        model.predict(X_val[:1])  # one image: its range is narrow but not another scale
+        model.score(X_val, y_val)
+        model.save(tmp_path / "m.pt")
+        assert ConvRFM.load(tmp_path / "m.pt").score(X_val, y_val) == model.score(X_val, y_val)
+    assert model.input_range_ == (0.0, 1.0) and isinstance(model.seed_, int)
+
+
+@pytest.mark.parametrize("params, data, phrase", [
+    ({}, None, "validation_fraction=0.1 leaves 6 of the 60 images for validation, fewer than 100"),
+    ({"stride": 9}, None, "patch_size=3, stride=9 leave 1 patch location on the 8×8 images, whose patches see 9 of "
+                          "the 64 pixels"),
+    ({"pool_window": 99}, None, "pool_window=99 is wider than the 6×6 grid of patch locations: pool_window=11"),
+    ({"iterations": 0}, np.zeros_like, "all 54 training images are constant images (every value 0)"),
+    ({"iterations": 0}, lambda X: np.repeat(X[:1], len(X), 0), "all 54 training images are the same image"),
+])
+def test_meaningless_fit_warns_once(digits, params, data, phrase):
+    X, y = digits
+    X = X if data is None else data(X)
+    assert len(_with(_warnings_of(lambda: small(**{"iterations": 1, **params}).fit(X, y)), phrase)) == 1
+
+
+def test_tied_iterates_warn_once_naming_the_kept_one(digits):
+    X, y = digits  # 6 validation images: the iterations tie
+    model = small(iterations=2).fit(X, y)
+    scores = [r["val_accuracy"] for r in model.history_]
+    messages = _with(_warnings_of(lambda: small(iterations=2).fit(X, y)), "tie at val_accuracy")
+    assert len(messages) == 1 and scores.count(scores[model.best_iteration_]) > 1
+    assert f"iteration {model.best_iteration_} is kept (the first of them)" in messages[0]
+
+
+def test_clipped_pool_window_is_the_same_kernel(digits):
+    X, y = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wide, exact = small(iterations=0, pool_window=99).fit(X, y), small(iterations=0, pool_window=11).fit(X, y)
+    assert np.allclose(wide.decision_function(X), exact.decision_function(X), atol=1e-10)
+
+
+def test_values_on_another_scale_warn_at_prediction(fitted, digits, tmp_path):
+    X, y = digits
+    for call in (lambda: fitted.predict(255 * X), lambda: fitted.score(255 * X, y), lambda: fitted.predict(X / 255)):
+        assert len(_with(_warnings_of(call), "but the model was fitted on values in [0, 1]")) == 1
+    assert not _warnings_of(lambda: fitted.predict(X))
+    fitted.save(tmp_path / "m.pt")
+    loaded = ConvRFM.load(tmp_path / "m.pt")
+    assert loaded.input_range_ == fitted.input_range_
+    assert _with(_warnings_of(lambda: loaded.predict(255 * X)), "X has values in [0, 255]")
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    del state["fitted"]["input_range_"]  # a file saved before the range was kept
+    torch.save(state, tmp_path / "old.pt")
+    old = ConvRFM.load(tmp_path / "old.pt")
+    assert old.input_range_ is None and not _warnings_of(lambda: old.predict(255 * X))
+    assert np.array_equal(old.predict(X), fitted.predict(X))
+
+
+def test_validation_data_on_another_scale_warns(digits):
+    X, y = digits
+    messages = _warnings_of(lambda: small(iterations=0).fit(X, y, 255 * X[:20], y[:20]))
+    assert len(_with(messages, "X_val has values in [0, 255]")) == 1
+    assert len(_with(messages, "X_val has 20 images, fewer than 100")) == 1
+
+
+def test_constant_images_name_the_median_distance(digits):
+    X, y = digits
+    with pytest.warns(UserWarning, match="constant images"), \
+            pytest.raises(ValueError, match="median aligned-patch distance of the training images is 0") as info:
+        small(sigma="median").fit(np.zeros_like(X), y)
+    assert "must be a positive finite number" not in str(info.value)
+
+
+def test_errors_name_validation_fraction(digits):
+    X, y = digits
+    with pytest.raises(ValueError, match=r"validation_fraction=0.001 gives 0 validation items") as info:
+        small(validation_fraction=0.001).fit(X, y)
+    assert "val_size" not in str(info.value)
