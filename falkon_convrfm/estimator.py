@@ -21,14 +21,16 @@ import torch
 from sklearn.base import BaseEstimator
 
 from ._compat import resolve_device
-from .inputs import TASKS, as_labels, class_labels, encode_labels, image_rows, resolve_task, train_val_split
+from .inputs import (TASKS, as_labels, class_labels, count_known, encode_labels, image_rows, resolve_task, row_hashes,
+                     train_val_split)
 from .params import DEVICE, FLAG, PATH_OR_NONE, SEED, AnyOf, Integer, Interval, OneOf, Param, Positive, check_params, table
 from .persistence import (CheckpointStore, FILE_FORMAT, atomic_save, file_name, from_plain, read_file, register_estimator,
                           to_plain)
 from .preprocessing import PREPROCESSING, make_preprocessor, preprocess_rows
+from .progress import scoped
 from .scoring import accuracy, class_scores, decision_codes, evaluate
 from .solvers import SOLVERS
-from .validation import DTYPES, resolve_dtype
+from .validation import DTYPES, resolve_dtype, warn
 
 
 @dataclasses.dataclass
@@ -111,6 +113,8 @@ class RFMEstimator(BaseEstimator):
     _PARAMS: dict = {}
     _FITTED: tuple = ()
     _CHECKPOINT = ""
+    # Fitted attributes saved when present and loaded when in the file (older files lack them).
+    _OPTIONAL_FITTED = ("train_row_hashes_",)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -147,7 +151,8 @@ class RFMEstimator(BaseEstimator):
     def _prepare(self, X, y, X_val, y_val, seed: int) -> PreparedData:
         """Validate and encode the data, split off validation rows (stratified for classes) unless
         ``X_val, y_val`` are given, fit the preprocessing on the training rows, move to the device.
-        Sets ``task_``, ``classes_``, ``image_shape_``, ``preprocessor_`` and ``seed_``."""
+        Sets ``task_``, ``classes_``, ``image_shape_``, ``preprocessor_``, ``seed_`` and
+        ``train_row_hashes_`` (the fingerprint of the rows of X and X_val, :func:`row_hashes`)."""
         dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
         rows, image_shape = image_rows(X, self._input_shape(X, "X"), self.channels_last, dtype)
         self._check_image_shape(image_shape)
@@ -167,6 +172,7 @@ class RFMEstimator(BaseEstimator):
             Yval, _, _ = encode_labels(y_val, Xval.shape[0], task, dtype, classes, name="y_val")
             if Yval.shape[1] != Ytr.shape[1]:
                 raise ValueError(f"y_val has {Yval.shape[1]} target columns but y has {Ytr.shape[1]}")
+        self.train_row_hashes_ = row_hashes(rows, *([] if X_val is None else [Xval]))
         self.preprocessor_ = make_preprocessor(self.preprocess)
         if self.preprocessor_ is not None:
             self.preprocessor_.fit(Xtr.reshape(-1, *image_shape))
@@ -176,11 +182,22 @@ class RFMEstimator(BaseEstimator):
         return PreparedData(Xtr, Ytr, Xval, Yval, image_shape, generator)
 
     def _rows(self, X, name: str = "X") -> torch.Tensor:
-        """Prediction input as preprocessed rows on the model's device."""
+        """Prediction input as preprocessed rows on the model's device (a warning when some of its
+        rows are rows the model was fitted on)."""
         self._check_fitted()
         rows, _ = image_rows(X, self._input_shape(X, name, self.image_shape_), self.channels_last,
                              resolve_dtype(self.dtype), name)
+        self._warn_seen(rows, name)
         return preprocess_rows(self.preprocessor_, rows.to(self._device()), self.image_shape_)
+
+    def _warn_seen(self, rows: torch.Tensor, name: str) -> None:
+        """Warn when rows of ``rows`` were in the data of the fit (models saved before the
+        fingerprint was stored cannot tell)."""
+        hashes = getattr(self, "train_row_hashes_", None)
+        seen = 0 if hashes is None else count_known(rows, hashes)
+        if seen:
+            warn(f"{seen} of the {rows.shape[0]} images of {name} were in the data this model was fitted on "
+                 "(training or validation rows): scores on them overstate accuracy on new images")
 
     # ------------------------------------------------------------------ prediction
     def _check_fitted(self):
@@ -197,10 +214,12 @@ class RFMEstimator(BaseEstimator):
             return values.to(like.device)
         return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
 
+    @scoped
     def decision_function(self, X):
         """f(X) (n, C): class scores or regression outputs (numpy for numpy input, torch for torch)."""
         return self._output(self._scores(self._rows(X)), X)
 
+    @scoped
     def predict(self, X):
         """Class labels (classification) or real predictions (regression); numpy for numpy input,
         torch (on the input's device) for torch input."""
@@ -215,6 +234,7 @@ class RFMEstimator(BaseEstimator):
         index = {label: i for i, label in enumerate(self.classes_.tolist())}
         return np.array([index.get(v, -1) for v in class_labels(y, n, self.classes_).tolist()])
 
+    @scoped
     def evaluate(self, X, y) -> dict:
         """Scores on images ``X`` with labels or targets ``y``
         (:mod:`~falkon_convrfm.scoring`): classification: ``accuracy``, and ``confusion``, the
@@ -233,6 +253,7 @@ class RFMEstimator(BaseEstimator):
     def _regression_scores(self, scores: torch.Tensor, y) -> dict:
         return evaluate("regression", scores, encode_labels(y, scores.shape[0], "regression", scores.dtype)[0])
 
+    @scoped
     def score(self, X, y) -> float:
         """Accuracy (classification; ``y`` as labels of the kind given to ``fit``, or one-hot rows;
         a label the model does not know counts as an error) or R² = 1 − Σ(ŷ − y)² / Σ(y − ȳ)²
@@ -261,7 +282,8 @@ class RFMEstimator(BaseEstimator):
     def _state(self) -> dict:
         return {"format": FILE_FORMAT, "class": type(self).__name__,
                 "params": to_plain(self.get_params(deep=False), "params"),
-                "fitted": {k: to_plain(getattr(self, k), k) for k in self._FITTED}}
+                "fitted": {k: to_plain(getattr(self, k), k)
+                           for k in (*self._FITTED, *(k for k in self._OPTIONAL_FITTED if hasattr(self, k)))}}
 
     @classmethod
     def _from_state(cls, state, source: str):
@@ -275,8 +297,9 @@ class RFMEstimator(BaseEstimator):
             raise ValueError(f"{source} is an incomplete {cls.__name__} file (missing {missing or ['params']})")
         try:
             model = cls(**from_plain(state["params"], source))
-            for k in cls._FITTED:
-                setattr(model, k, from_plain(fitted[k], source))
+            for k in (*cls._FITTED, *cls._OPTIONAL_FITTED):
+                if k in fitted:
+                    setattr(model, k, from_plain(fitted[k], source))
             model._restore()
         except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -20,6 +20,7 @@ from .ops import BACKEND_CHOICES, BACKENDS, BackendOptions, choose_backend, conv
 from .ops.dense import TORCH
 from .ops.pooling import location_pairs, window_memory, window_sum
 from .patches import PatchGeometry
+from .progress import advance
 from .validation import as_tensor, check_finite, check_pool_window, check_sigma
 
 _KernelBase = FalkonKernelBase if HAS_FALKON else StandaloneKernel
@@ -198,6 +199,8 @@ class ConvMahalanobisKernel(_KernelBase):
             def aligned(A, B, w, o):
                 return matrix(A, B, base, sigma, w, options, out=o)
         result = self._pooled(aligned, T1, T2, weights, out if out.is_contiguous() and not diag else None)
+        if not diag:
+            advance(X1.shape[0] * X2.shape[0])
         return result if result is out else out.copy_(result.reshape(out.shape))
 
     def compute_sparse(self, X1, X2, out, diag, **kwargs):
@@ -235,6 +238,7 @@ class ConvMahalanobisKernel(_KernelBase):
         out = X1.new_empty(n, v.shape[1]) if out is None else out
         for i0 in range(0, n, rows):
             out[i0 : i0 + rows] = self._pooled(aligned, self.patch_features(X1[i0 : i0 + rows]), T2, weights)
+            advance(min(rows, n - i0) * m)
         return out
 
     def _direct_dmmv(self, X1, X2, v, w, backend, out=None, opt=None, **_):
