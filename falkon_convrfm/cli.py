@@ -555,12 +555,22 @@ def cmd_filters(args):
 
 
 def cmd_plan(args):
+    from ._compat import resolve_device
+    from .memory import machine_memory
     from .planning import format_plan, plan_memory
+    from .solvers import choose_solver
 
+    device = resolve_device(args.device)
+    solver = choose_solver(args.solver, device)  # as fit chooses it
+    if args.device_memory_gb is None:
+        memory, source = machine_memory(device)
+    else:
+        memory, source = args.device_memory_gb * 2**30, "(--device-memory-gb)"
     plan = plan_memory(args.n, tuple(args.image_shape), args.patch_size, args.stride, args.padding,
-                       args.n_centres, dtype=args.dtype, device_memory=args.device_memory_gb * 2**30,
-                       n_outputs=args.outputs, agop_samples=args.agop_samples, n_val=args.n_val)
-    print(format_plan(plan))
+                       args.n_centres, dtype=args.dtype, device_memory=memory, n_outputs=args.outputs,
+                       agop_samples=args.agop_samples, n_val=args.n_val, solver=solver, pool_window=args.pool_window,
+                       block_budget=None if args.max_memory_gb is None else args.max_memory_gb * 2**30)
+    print(format_plan(plan, source))
 
 
 # ---------------------------------------------------------------------------- parser
@@ -646,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--locations", help="also draw the per-location AGOP share map to this file (default: none)")
     p.set_defaults(func=cmd_filters)
 
-    p = sub.add_parser("plan", help="memory of each phase and the largest centre count that fits", **kw)
+    p = sub.add_parser("plan", help="memory of each phase of a ConvRFM fit (the solver fit would choose) and the "
+                       "largest centre count that fits", **kw)
     p.add_argument("--n", type=_integer(1), required=True, help="training images")
     p.add_argument("--n-val", dest="n_val", type=_integer(0), default=0, metavar="N", help="validation images")
     p.add_argument("--image-shape", dest="image_shape", type=_integer(1), nargs=3, default=[3, 32, 32],
@@ -654,10 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("patch_size", "stride", "padding", "n_centres"):
         _add_param(p, CONVRFM_PARAMS.get(name) or SHARED_TABLE[name], conv_default(name))
     p.add_argument("--outputs", type=_integer(1), default=10, help="classes (outputs of the predictor)")
-    for name in ("agop_samples", "dtype"):
+    for name in ("agop_samples", "dtype", "pool_window", "solver", "device"):
         _add_param(p, CONVRFM_PARAMS.get(name) or SHARED_TABLE[name], conv_default(name))
-    p.add_argument("--device-memory-gb", dest="device_memory_gb", type=POSITIVE, default=80.0, metavar="GB",
-                   help="memory of the device")
+    p.add_argument("--max-memory-gb", type=POSITIVE, metavar="GB",
+                   help="fit's memory budget for kernel blocks and AGOP chunks (default: none, the solver's own)")
+    p.add_argument("--device-memory-gb", dest="device_memory_gb", type=POSITIVE, metavar="GB",
+                   help="memory to plan for (default: what this machine has free now: the --device's free memory "
+                   "on cuda, the available RAM on cpu)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("info", help="available backends: Falkon, KeOps, CUDA devices", **kw)

@@ -69,9 +69,12 @@ def channels_last_layout(shape, channels_last="auto", image_shape=None, name: st
 
 def as_images(X, name: str = "X"):
     """Tensors and numpy arrays as they are; other array-likes (nested lists of pixels, objects with
-    ``__array__``) read by numpy, as scikit-learn reads them."""
-    if isinstance(X, (torch.Tensor, np.ndarray)) or not (isinstance(X, (list, tuple)) or hasattr(X, "__array__")):
+    ``__array__``) read by numpy, as scikit-learn reads them; anything else is a TypeError."""
+    if isinstance(X, (torch.Tensor, np.ndarray)):
         return X
+    if not (isinstance(X, (list, tuple)) or hasattr(X, "__array__")):
+        raise TypeError(f"{name} must be images: a numpy array, a torch tensor or nested lists of pixel values, "
+                        f"got {type(X).__name__}")
     try:
         return np.asarray(X)
     except ValueError:
