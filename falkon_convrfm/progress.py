@@ -59,6 +59,14 @@ def steps(iterable, desc: str, total: int | None = None, unit: str = "it", initi
     return _bar(desc, total if total is not None else len(iterable), unit, leave, iterable, initial)
 
 
+def progress_rows(n: int, unit: str = KERNEL_ENTRIES, pieces: int = 50, minimum: int = 256) -> int:
+    """Rows per chunk of an n-row block: n unless a bar of ``unit`` is drawn, else about n / ``pieces``
+    (at least ``minimum``), so that the bar moves within one large block."""
+    if not any(bar_unit == unit and not bar.disable for bar_unit, bar in _open):
+        return n
+    return max(minimum, -(-n // pieces))
+
+
 def advance(amount: int, unit: str = KERNEL_ENTRIES) -> None:
     """Report ``amount`` units of work done to the innermost open :func:`phase` of ``unit``."""
     for bar_unit, bar in reversed(_open):
