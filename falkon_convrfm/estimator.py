@@ -187,16 +187,16 @@ class RFMEstimator(BaseEstimator):
         self._check_fitted()
         rows, _ = image_rows(X, self._input_shape(X, name, self.image_shape_), self.channels_last,
                              resolve_dtype(self.dtype), name)
-        self._warn_seen(rows, name)
+        self._warn_seen(rows)
         return preprocess_rows(self.preprocessor_, rows.to(self._device()), self.image_shape_)
 
-    def _warn_seen(self, rows: torch.Tensor, name: str) -> None:
+    def _warn_seen(self, rows: torch.Tensor) -> None:
         """Warn when rows of ``rows`` were in the data of the fit (models saved before the
         fingerprint was stored cannot tell)."""
         hashes = getattr(self, "train_row_hashes_", None)
         seen = 0 if hashes is None else count_known(rows, hashes)
         if seen:
-            warn(f"{seen} of the {rows.shape[0]} images of {name} were in the data this model was fitted on "
+            warn(f"{seen} of the {rows.shape[0]} images scored were in the data this model was fitted on "
                  "(training or validation rows): scores on them overstate accuracy on new images")
 
     # ------------------------------------------------------------------ prediction

@@ -271,7 +271,7 @@ def test_scoring_training_rows_warns_once(files, capsys):
     """The conv model was fitted on the first 400 rows of the digits training split."""
     code, out, err = call(["evaluate", "--model", files["conv"], "--split", "train", "--rows", "350:450"], capsys)
     assert code == 0 and err.count("warning:") == 1
-    assert "warning: 50 of the 100 images of X were in the data this model was fitted on" in err
+    assert "warning: 50 of the 100 images scored were in the data this model was fitted on" in err
     code, out, err = call(["evaluate", "--model", files["conv"], "--split", "train", "--rows", "400:500"], capsys)
     assert code == 0 and "fitted on" not in err
 

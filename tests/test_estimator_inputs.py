@@ -553,7 +553,7 @@ def test_scoring_training_rows_warns_once_with_the_count(fitted, digits):
     for call in (lambda: fitted.predict(mixed), lambda: fitted.score(mixed, y[:35]),
                  lambda: fitted.evaluate(mixed, y[:35]), lambda: fitted.decision_function(torch.from_numpy(mixed))):
         messages = _seen_warnings(call)
-        assert len(messages) == 1 and messages[0].startswith("10 of the 35 images of X were in the data")
+        assert len(messages) == 1 and messages[0].startswith("10 of the 35 images scored were in the data")
     assert _seen_warnings(lambda: fitted.predict(new)) == []
     # the validation rows of the fit count as seen too: every row of X was given to fit
     assert _seen_warnings(lambda: fitted.predict(X))[0].startswith(f"{len(X)} of the {len(X)} images")
