@@ -343,8 +343,8 @@ def test_bad_data(digits):
         small(image_shape=(1, 7, 7)).fit(X, y)
     with pytest.raises(ValueError, match="patch_size"):
         small(patch_size=9).fit(X, y)
-    with pytest.raises(TypeError, match="numpy"):
-        small().fit(X.tolist(), y)
+    with pytest.raises(TypeError, match="X must be images: a numpy array, a torch tensor or nested lists"):
+        small().fit("images.npz", y)  # nested lists are images (test_estimator_inputs.py)
 
 
 def test_logistic_loss_needs_two_classes(digits):
