@@ -5,8 +5,8 @@ An estimator turns bars on for the duration of a public call with :func:`scoped`
 unit) or wraps a loop with :func:`steps`; code deep inside a phase that is not handed the bar
 (kernel blocks evaluated by Falkon, row chunks of a product) reports work done with
 :func:`advance`, which moves the innermost open bar of the same unit. Outside a :func:`scoped`
-call nothing is shown, and a bar appears only once its phase has run for :data:`DELAY` seconds,
-so short phases print nothing.
+call nothing is shown, and a phase's bar appears only once it has run for :data:`DELAY` seconds,
+so short phases print nothing (the outer loops of a fit, ``steps(..., leave=True)``, show at once).
 """
 from __future__ import annotations
 
