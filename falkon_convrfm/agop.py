@@ -23,7 +23,8 @@ any images (the AGOP is usually estimated on a random subset of the training set
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+
+from .progress import phase
 
 
 def transformed_gradients(U, V, alpha, base, sigma: float) -> torch.Tensor:
@@ -108,14 +109,14 @@ def patch_agop(
     alpha: torch.Tensor,
     X: torch.Tensor,
     max_mem: float = 2**30,
-    progress: bool = False,
 ):
     """Patch AGOP of f(x) = K(x, centres) α over the rows of X.
 
     Returns ``(G, location_share)``: G (d, d) = (1/n) Σ_i Σ_p Σ_o ∇_{x_p} f_o(x_i) ∇_{x_p} f_o(x_i)ᵀ
     (symmetric PSD, float64), and tr_p = (1/n) Σ_i Σ_o ‖∇_{x_p} f_o(x_i)‖² per location (P,),
     which sums to tr(G). Rows and locations are processed in chunks whose temporaries fit in
-    ``max_mem`` bytes; centres are transformed once.
+    ``max_mem`` bytes; centres are transformed once. Progress: a ``patch AGOP`` bar in images
+    (:mod:`~falkon_convrfm.progress`).
     """
     alpha = _as_2d(alpha).to(X.dtype)
     if X.shape[0] == 0:
@@ -128,7 +129,7 @@ def patch_agop(
     n = X.shape[0]
     rows, locs = agop_chunks(n, P, m, r, C, X.element_size(), max_mem)
     Gp = torch.zeros(P, r, r, dtype=torch.float64, device=X.device)
-    with tqdm(total=n, desc="patch AGOP", unit="img", disable=not progress) as bar:
+    with phase("patch AGOP", n, "img") as bar:
         for i0 in range(0, n, rows):
             Tx = kernel.patch_features(X[i0 : i0 + rows])
             for p0 in range(0, P, locs):

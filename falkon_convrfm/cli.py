@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import inspect
+import io
 import json
 import re
 import shutil
@@ -284,6 +286,36 @@ def _first(data, n: int | None, option: str, name: str):
     return data.images[:n], data.labels[:n]
 
 
+def row_range(text: str) -> tuple:
+    """The argparse ``type`` of ``--rows START:STOP``: (start, stop), either None when left out."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (row numbers, e.g. 45000:50000 or 45000:), "
+                                         f"got {text!r}") from None
+    if (start is not None and start < 0) or (stop is not None and stop < 0):
+        raise argparse.ArgumentTypeError(f"row numbers count from 0, got {text!r}")
+    if start is not None and stop is not None and stop <= start:
+        raise argparse.ArgumentTypeError(f"STOP must be greater than START, got {text!r}")
+    return start, stop
+
+
+def selected_rows(data, args, name: str):
+    """(images, labels, index of the first one in the file) chosen by ``--n`` or ``--rows``."""
+    if args.rows is None:
+        return (*_first(data, args.n, "--n", name), 0)
+    if args.n is not None:
+        raise ValueError("--n and --rows both choose the images: use one (--n N is --rows 0:N)")
+    count, typed = len(data.labels), ":".join("" if v is None else str(v) for v in args.rows)
+    start, stop = args.rows[0] or 0, count if args.rows[1] is None else args.rows[1]
+    if stop > count or start >= stop:
+        raise ValueError(f"--rows {typed} is out of range: {name} has {count} images (rows 0:{count})")
+    return data.images[start:stop], data.labels[start:stop], start
+
+
 def _numpy(a) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
@@ -492,13 +524,20 @@ def cmd_fit(args):
     print(f"wrote {out}/model.pt, history.json, curves.png, filters.png")
 
 
-def save_predictions(pred: np.ndarray, path: Path) -> None:
-    """``.npy`` (numpy's format) or ``.csv`` (one row per image), written to exactly ``path``."""
+def save_predictions(pred: np.ndarray, path: Path, first_row: int = 0) -> None:
+    """``.npy`` (numpy's format) or ``.csv`` (a header, then one line per image: its row in the
+    input file, counted from 0, and its label or outputs), written to exactly ``path``."""
     with atomic_file(path, "predictions file") as f:
         if path.suffix.lower() == ".npy":
             np.save(f, pred, allow_pickle=False)
-        else:
-            np.savetxt(f, pred.reshape(len(pred), -1), fmt="%s", delimiter=",")
+            return
+        values = pred.reshape(len(pred), -1)
+        header = ["label"] if pred.ndim == 1 else [f"output_{j}" for j in range(values.shape[1])]
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["row", *header])
+        writer.writerows([first_row + i, *row] for i, row in enumerate(values.tolist()))
+        f.write(text.getvalue().encode())
 
 
 def model_dataset(args, model) -> str:
@@ -513,15 +552,24 @@ def model_dataset(args, model) -> str:
     return "digits"
 
 
+def _quiet(model, args):
+    """``model`` with its progress bars off under ``--quiet``."""
+    return model.set_params(progress=not args.quiet)
+
+
 def cmd_predict(args):
     out = check_output_file(args.out, "--out", PREDICTION_SUFFIXES, args.overwrite)
-    model = load_model(args.model)
+    model = _quiet(load_model(args.model), args)
     args.dataset = model_dataset(args, model)
     data, name = load_data(args.dataset, args.data, args.split, args.layout, "test")
-    X, _ = _first(data, args.n, "--n", name)
+    X, _, first_row = selected_rows(data, args, name)
     pred = _numpy(model.predict(X))
-    save_predictions(pred, out)
-    print(f"wrote {len(pred)} predictions for {name} to {out}")
+    save_predictions(pred, out, first_row)
+    print(f"wrote {len(pred)} predictions for {name}{_rows_text(first_row, len(pred))} to {out}")
+
+
+def _rows_text(first_row: int, count: int) -> str:
+    return f", rows {first_row}:{first_row + count}" if first_row else ""
 
 
 def format_confusion(C: np.ndarray, classes, names=None) -> list:
@@ -539,20 +587,21 @@ def format_confusion(C: np.ndarray, classes, names=None) -> list:
 
 def cmd_evaluate(args):
     out = None if args.out is None else check_output_file(args.out, "--out", (".json",), args.overwrite)
-    model = load_model(args.model)
+    model = _quiet(load_model(args.model), args)
     if model.task_ != "classification":
         raise ValueError(f"--model {args.model} is a regression model; evaluate reports classification accuracy")
     args.dataset = model_dataset(args, model)
     data, name = load_data(args.dataset, args.data, args.split, args.layout, "test")
-    X, y = _first(data, args.n, "--n", name)
+    X, y, first_row = selected_rows(data, args, name)
     scores, classes = model.evaluate(X, y), _numpy(model.classes_).tolist()
-    print(f"{name}: {len(y)} images, accuracy {scores['accuracy']:.4f}")
+    print(f"{name}{_rows_text(first_row, len(y))}: {len(y)} images, accuracy {scores['accuracy']:.4f}")
     print("confusion matrix (rows: true class, columns: predicted class)")
     print("\n".join(format_confusion(scores["confusion"], classes, data.classes)))
     if out is not None:
         with atomic_file(out, "evaluation report") as f:
-            f.write(json.dumps({"data": name, "accuracy": scores["accuracy"], "classes": classes,
-                                "class_names": data.classes, "confusion": scores["confusion"].tolist()}).encode())
+            f.write(json.dumps({"data": name, "rows": [first_row, first_row + len(y)], "accuracy": scores["accuracy"],
+                                "classes": classes, "class_names": data.classes,
+                                "confusion": scores["confusion"].tolist()}).encode())
         print(f"wrote {out}")
 
 
@@ -581,12 +630,22 @@ def cmd_filters(args):
 
 
 def cmd_plan(args):
+    from ._compat import resolve_device
+    from .memory import machine_memory
     from .planning import format_plan, plan_memory
+    from .solvers import choose_solver
 
+    device = resolve_device(args.device)
+    solver = choose_solver(args.solver, device)  # as fit chooses it
+    if args.device_memory_gb is None:
+        memory, source = machine_memory(device)
+    else:
+        memory, source = args.device_memory_gb * 2**30, "(--device-memory-gb)"
     plan = plan_memory(args.n, tuple(args.image_shape), args.patch_size, args.stride, args.padding,
-                       args.n_centres, dtype=args.dtype, device_memory=args.device_memory_gb * 2**30,
-                       n_outputs=args.outputs, agop_samples=args.agop_samples, n_val=args.n_val)
-    print(format_plan(plan))
+                       args.n_centres, dtype=args.dtype, device_memory=memory, n_outputs=args.outputs,
+                       agop_samples=args.agop_samples, n_val=args.n_val, solver=solver, pool_window=args.pool_window,
+                       block_budget=None if args.max_memory_gb is None else args.max_memory_gb * 2**30)
+    print(format_plan(plan, source))
 
 
 # ---------------------------------------------------------------------------- parser
@@ -606,6 +665,10 @@ def _add_model_on_data(p):
     p.add_argument("--model", required=True, help="model.pt written by fit")
     _add_data(p, None, "which data (default: digits for a model fitted on 8×8 grey images; required for others)")
     p.add_argument("--n", type=_integer(1), help="first N images only (default: all)")
+    p.add_argument("--rows", type=row_range, metavar="START:STOP",
+                   help="only the images in rows START to STOP - 1 of the file, counted from 0; either may be left "
+                   "out (e.g. 45000: for the rows after a fit's --n-train 45000) (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the result is still printed)")
     return p
 
 
@@ -676,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p, "existing --out / --locations files")
     p.set_defaults(func=cmd_filters)
 
-    p = sub.add_parser("plan", help="memory of each phase and the largest centre count that fits", **kw)
+    p = sub.add_parser("plan", help="memory of each phase of a ConvRFM fit (the solver fit would choose) and the "
+                       "largest centre count that fits", **kw)
     p.add_argument("--n", type=_integer(1), required=True, help="training images")
     p.add_argument("--n-val", dest="n_val", type=_integer(0), default=0, metavar="N", help="validation images")
     p.add_argument("--image-shape", dest="image_shape", type=_integer(1), nargs=3, default=[3, 32, 32],
@@ -684,10 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("patch_size", "stride", "padding", "n_centres"):
         _add_param(p, CONVRFM_PARAMS.get(name) or SHARED_TABLE[name], conv_default(name))
     p.add_argument("--outputs", type=_integer(1), default=10, help="classes (outputs of the predictor)")
-    for name in ("agop_samples", "dtype"):
+    for name in ("agop_samples", "dtype", "pool_window", "solver", "device"):
         _add_param(p, CONVRFM_PARAMS.get(name) or SHARED_TABLE[name], conv_default(name))
-    p.add_argument("--device-memory-gb", dest="device_memory_gb", type=POSITIVE, default=80.0, metavar="GB",
-                   help="memory of the device")
+    p.add_argument("--max-memory-gb", type=POSITIVE, metavar="GB",
+                   help="fit's memory budget for kernel blocks and AGOP chunks (default: none, the solver's own)")
+    p.add_argument("--device-memory-gb", dest="device_memory_gb", type=POSITIVE, metavar="GB",
+                   help="memory to plan for (default: what this machine has free now: the --device's free memory "
+                   "on cuda, the available RAM on cpu)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("info", help="available backends: Falkon, KeOps, CUDA devices", **kw)

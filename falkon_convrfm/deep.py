@@ -20,7 +20,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .estimator import SHARED_PARAMS, LearnedMetric, RFMEstimator
 from .memory import chunk_rows, memory_budget, peak_rss
@@ -28,6 +27,7 @@ from .metric import psd_power
 from .params import AnyOf, Integer, OneOf, Param, check_params, param_default, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint, plain_dataclass
+from .progress import scoped, steps
 from .rfm import ConvRFM
 from .validation import DataWarning, as_tensor, positive_int
 
@@ -234,6 +234,7 @@ class DeepConvRFM(RFMEstimator):
         return specs
 
     # ------------------------------------------------------------------ fit
+    @scoped
     def fit(self, X, y, X_val=None, y_val=None):
         """Learn every layer's metric, build its feature map, fit the final ConvRFM. Returns self."""
         specs = self._check_params()
@@ -245,7 +246,7 @@ class DeepConvRFM(RFMEstimator):
         self.filters_, self.metrics_, self.history_, self.feature_shapes_ = [], [], [], [shape]
         fingerprint = data_fingerprint(Xtr, Ytr, data.Xval)
         saved = store.load(fingerprint)
-        for index, spec in enumerate(tqdm(specs, desc="Deep ConvRFM layers", disable=not self.progress)):
+        for index, spec in enumerate(steps(specs, "Deep ConvRFM layers", unit="layer", leave=True)):
             if saved is not None and index < len(saved["filters"]):
                 filters, M, record = saved["filters"][index].to(Xtr.device), saved["metrics"][index], saved["history"][index]
                 torch.randn(spec.width, M.shape[0], generator=gen, dtype=torch.float64)  # keep the generator in step
@@ -299,6 +300,7 @@ class DeepConvRFM(RFMEstimator):
             rows, shape = map_rows(rows, shape, filters, spec, self.max_memory)
         return rows
 
+    @scoped
     def transform(self, X, depth: int | None = None):
         """Feature maps of X after the first ``depth`` layers (all by default), as rows (numpy for
         numpy input, torch for torch input)."""

@@ -29,11 +29,13 @@ import torch
 from sklearn.base import BaseEstimator
 
 from ._compat import resolve_device
-from .inputs import TASKS, as_labels, class_labels, encode_labels, image_rows, resolve_task, train_val_split
+from .inputs import (TASKS, as_labels, class_labels, count_known, encode_labels, image_rows, resolve_task, row_hashes,
+                     train_val_split)
 from .params import DEVICE, FLAG, PATH_OR_NONE, SEED, AnyOf, Integer, Interval, OneOf, Param, Positive, check_params, table
 from .persistence import (CheckpointStore, FILE_FORMAT, atomic_save, file_name, from_plain, read_file, register_estimator,
                           to_plain)
 from .preprocessing import PREPROCESSING, make_preprocessor, preprocess_rows
+from .progress import scoped
 from .scoring import accuracy, class_scores, decision_codes, evaluate
 from .solvers import SOLVERS
 from .validation import DTYPES, DataWarning, resolve_dtype, warn
@@ -188,7 +190,7 @@ class RFMEstimator(BaseEstimator):
 
     _PARAMS: dict = {}
     _FITTED: tuple = ()
-    _OPTIONAL_FITTED: tuple = ("input_range_",)
+    _OPTIONAL_FITTED: tuple = ("input_range_", "train_row_hashes_")
     _CHECKPOINT = ""
 
     def __init_subclass__(cls, **kwargs):
@@ -227,8 +229,9 @@ class RFMEstimator(BaseEstimator):
     def _prepare(self, X, y, X_val, y_val, seed: int) -> PreparedData:
         """Validate and encode the data, split off validation rows (stratified for classes) unless
         ``X_val, y_val`` are given, fit the preprocessing on the training rows, move to the device.
-        Sets ``task_``, ``classes_``, ``image_shape_``, ``preprocessor_``, ``input_range_`` and
-        ``seed_``; warns about data that cannot give a meaningful result (:meth:`_warn_data`)."""
+        Sets ``task_``, ``classes_``, ``image_shape_``, ``preprocessor_``, ``input_range_``, ``seed_``
+        and ``train_row_hashes_`` (the fingerprint of the rows of X and X_val, :func:`row_hashes`);
+        warns about data that cannot give a meaningful result (:meth:`_warn_data`)."""
         dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
         rows, image_shape = image_rows(X, self._input_shape(X, "X"), self.channels_last, dtype)
         self._check_image_shape(image_shape)
@@ -251,6 +254,7 @@ class RFMEstimator(BaseEstimator):
                 raise ValueError(f"y_val has {Yval.shape[1]} target columns but y has {Ytr.shape[1]}")
         self.input_range_ = value_range(Xtr)
         self._warn_data(Xtr, Xval, X_val is not None)
+        self.train_row_hashes_ = row_hashes(rows, *([] if X_val is None else [Xval]))
         self.preprocessor_ = make_preprocessor(self.preprocess)
         if self.preprocessor_ is not None:
             self.preprocessor_.fit(Xtr.reshape(-1, *image_shape))
@@ -281,12 +285,23 @@ class RFMEstimator(BaseEstimator):
 
     def _rows(self, X, name: str = "X") -> torch.Tensor:
         """Prediction input as preprocessed rows on the model's device (a warning when its values
-        lie on another scale than the training values)."""
+        lie on another scale than the training values, and when some of its rows are rows the
+        model was fitted on)."""
         self._check_fitted()
         rows, _ = image_rows(X, self._input_shape(X, name, self.image_shape_), self.channels_last,
                              resolve_dtype(self.dtype), name, expected="the model was fitted on images of shape {}")
         warn_other_scale(rows, self.input_range_, name)
+        self._warn_seen(rows)
         return preprocess_rows(self.preprocessor_, rows.to(self._device()), self.image_shape_)
+
+    def _warn_seen(self, rows: torch.Tensor) -> None:
+        """Warn when rows of ``rows`` were in the data of the fit (models saved before the
+        fingerprint was stored cannot tell)."""
+        hashes = getattr(self, "train_row_hashes_", None)
+        seen = 0 if hashes is None else count_known(rows, hashes)
+        if seen:
+            warn(f"{seen} of the {rows.shape[0]} images scored were in the data this model was fitted on "
+                 "(training or validation rows): scores on them overstate accuracy on new images")
 
     # ------------------------------------------------------------------ prediction
     def _check_fitted(self):
@@ -303,10 +318,12 @@ class RFMEstimator(BaseEstimator):
             return values.to(like.device)
         return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
 
+    @scoped
     def decision_function(self, X):
         """f(X) (n, C): class scores or regression outputs (numpy for numpy input, torch for torch)."""
         return self._output(self._scores(self._rows(X)), X)
 
+    @scoped
     def predict(self, X):
         """Class labels (classification) or real predictions (regression); numpy for numpy input,
         torch (on the input's device) for torch input."""
@@ -321,6 +338,7 @@ class RFMEstimator(BaseEstimator):
         index = {label: i for i, label in enumerate(self.classes_.tolist())}
         return np.array([index.get(v, -1) for v in class_labels(y, n, self.classes_).tolist()])
 
+    @scoped
     def evaluate(self, X, y) -> dict:
         """Scores on images ``X`` with labels or targets ``y``
         (:mod:`~falkon_convrfm.scoring`): classification: ``accuracy``, and ``confusion``, the
@@ -339,6 +357,7 @@ class RFMEstimator(BaseEstimator):
     def _regression_scores(self, scores: torch.Tensor, y) -> dict:
         return evaluate("regression", scores, encode_labels(y, scores.shape[0], "regression", scores.dtype)[0])
 
+    @scoped
     def score(self, X, y) -> float:
         """Accuracy (classification; ``y`` as labels of the kind given to ``fit``, or one-hot rows;
         a label the model does not know counts as an error) or R² = 1 − Σ(ŷ − y)² / Σ(y − ȳ)²

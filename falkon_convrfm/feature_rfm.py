@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .base_kernels import BASE_KERNELS
 from .estimator import COMMON_PARAMS, RFMEstimator, median_bandwidth, warn_few_locations, warn_tied_iterates
@@ -24,6 +23,7 @@ from .params import FACTORS, IMAGE_SHAPE, POOLING, Bandwidth, Integer, Interval,
 from .patches import PatchGeometry
 from .persistence import data_fingerprint
 from .presets import preset_params
+from .progress import scoped, steps
 from .scoring import evaluate
 
 CHECKPOINT_NAME = "patch_feature_rfm_checkpoint.pt"
@@ -213,6 +213,7 @@ class PatchFeatureRFM(RFMEstimator):
         return memory_budget(self.max_memory, self.device, default=DEFAULT_MEMORY)
 
     # ------------------------------------------------------------------ fit
+    @scoped
     def fit(self, X, y, X_val=None, y_val=None):
         """Fit on images X and labels or targets y; validation data as in :class:`ConvRFM`. Returns self."""
         self._check_params()
@@ -241,19 +242,19 @@ class PatchFeatureRFM(RFMEstimator):
             start, M, best, self.history_, self.metrics_ = 0, self._start_metric(patches), None, [], []
         key = "accuracy" if self.task_ == "classification" else "r2"
         budget = self._memory()
-        bar = tqdm(range(start, self.iterations + 1), desc="PatchFeatureRFM", disable=not self.progress,
-                   initial=start, total=self.iterations + 1)
+        bar = steps(range(start, self.iterations + 1), "PatchFeatureRFM", self.iterations + 1, "iteration", start,
+                    leave=True)
         for t in bar:
             record = {"iteration": t, "train_rows": Xtr.shape[0]}
             tic = time.perf_counter()
             sigma = self._bandwidth(M, self.atoms_, patches)
             fmap = self._feature_map(M, self.atoms_, sigma, image_shape)
-            F, Fval = fmap.transform(Xtr, budget, self.progress), fmap.transform(Xval, budget, self.progress)
+            F, Fval = fmap.transform(Xtr, budget), fmap.transform(Xval, budget)
             record.update(sigma=sigma, features=fmap.num_features, time_encode=time.perf_counter() - tic)
             tic = time.perf_counter()
             stats = RidgeStatistics.of(F, Ytr)
             fits = []
-            for penalty in (self.penalty * f for f in self.penalty_grid):
+            for penalty in steps([self.penalty * f for f in self.penalty_grid], "ridge penalties", unit="fit"):
                 W, b = stats.solve(penalty)
                 scores = Fval.double() @ W + b
                 fits.append((evaluate(self.task_, scores, Yval)[key] if Xval.shape[0] else -np.inf, penalty, W, b))

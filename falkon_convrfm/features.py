@@ -25,10 +25,10 @@ import dataclasses
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from ._compile import compiled_fn, use_compiled
 from .patches import PatchGeometry
+from .progress import phase, steps
 
 
 # Encoding chunks above this size run slower on CPU (allocation and cache misses), docs/performance.md.
@@ -135,11 +135,11 @@ class PatchFeatureMap:
         Kx = atom_kernel(U, self.atoms_t, self.base, self.sigma)  # (n, P, k)
         return torch.matmul(self.pool.to(Kx.dtype), Kx)
 
-    def transform(self, rows: torch.Tensor, max_mem: float = 2**30, progress: bool = False) -> torch.Tensor:
+    def transform(self, rows: torch.Tensor, max_mem: float = 2**30) -> torch.Tensor:
         """Φ(rows): (n, R·k), computed in row chunks within ``max_mem`` bytes."""
         step = self.rows_per_chunk(max_mem)
         out = rows.new_empty(rows.shape[0], self.num_features)
-        with tqdm(total=rows.shape[0], desc="patch features", unit="img", disable=not progress) as bar:
+        with phase("patch features", rows.shape[0], "img") as bar:
             for i in range(0, rows.shape[0], step):
                 pooled = self.pooled_kernel(rows[i : i + step])
                 out[i : i + step] = torch.matmul(pooled, self.projector).reshape(pooled.shape[0], -1)
@@ -162,17 +162,19 @@ class PatchFeatureMap:
         locs = int(max(1, min(P, max_mem // (per_pair * max(rows.shape[0], 1) + k * C * r * rows.element_size()))))
         G = torch.zeros(r, r, dtype=torch.float64, device=rows.device)
         U = self.geometry.transformed_patches(rows, self.factor)  # (P, n, r)
-        for p0 in range(0, P, locs):
-            Up = U[p0 : p0 + locs].contiguous()
-            Ap = self.atoms_t.unsqueeze(0).expand(Up.shape[0], -1, -1)
-            Ut, At, Q, S = self.base.gradient_weights(Up, Ap, self.sigma)
-            b = beta[p0 : p0 + locs]
-            weighted = (b.unsqueeze(-1) * At.unsqueeze(2)).reshape(b.shape[0], k, C * r)
-            g = torch.bmm(Q, weighted).view(b.shape[0], -1, C, r)
-            coef = torch.bmm(S if S is not None else -Q, b)  # (p, n, C)
-            g.add_(coef.unsqueeze(3) * Ut.unsqueeze(2))
-            g = g.reshape(-1, r)
-            G += (g.T @ g).double()
+        with phase("patch AGOP", P, "loc") as bar:
+            for p0 in range(0, P, locs):
+                Up = U[p0 : p0 + locs].contiguous()
+                Ap = self.atoms_t.unsqueeze(0).expand(Up.shape[0], -1, -1)
+                Ut, At, Q, S = self.base.gradient_weights(Up, Ap, self.sigma)
+                b = beta[p0 : p0 + locs]
+                weighted = (b.unsqueeze(-1) * At.unsqueeze(2)).reshape(b.shape[0], k, C * r)
+                g = torch.bmm(Q, weighted).view(b.shape[0], -1, C, r)
+                coef = torch.bmm(S if S is not None else -Q, b)  # (p, n, C)
+                g.add_(coef.unsqueeze(3) * Ut.unsqueeze(2))
+                g = g.reshape(-1, r)
+                G += (g.T @ g).double()
+                bar.update(Up.shape[0])
         return G / rows.shape[0]
 
 
@@ -193,7 +195,7 @@ class RidgeStatistics:
         target_mean = Y.double().mean(0)
         gram = torch.zeros(F.shape[1], F.shape[1], dtype=torch.float64, device=F.device)
         cross = torch.zeros(F.shape[1], Y.shape[1], dtype=torch.float64, device=F.device)
-        for i in range(0, F.shape[0], rows_per_chunk):
+        for i in steps(range(0, F.shape[0], rows_per_chunk), "ridge statistics", unit="chunk"):
             Fc = F[i : i + rows_per_chunk] - mean.to(F.dtype)
             gram += (Fc.T @ Fc).double()
             cross += Fc.T.double() @ (Y[i : i + rows_per_chunk].double() - target_mean)

@@ -8,6 +8,7 @@ uint8 scaling (:func:`pixels_as_float`) serves the estimators, the loaders and
 """
 from __future__ import annotations
 
+import hashlib
 import numbers
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from .validation import as_tensor, check_choice, check_finite, check_random_state, positive_int, warn
 
-__all__ = ["channels_last_layout", "image_rows", "resolve_task", "train_val_split"]
+__all__ = ["channels_last_layout", "image_rows", "resolve_task", "row_hashes", "train_val_split"]
 
 
 def pixels_as_float(x: torch.Tensor, dtype) -> torch.Tensor:
@@ -66,17 +67,32 @@ def channels_last_layout(shape, channels_last="auto", image_shape=None, name: st
     raise ValueError(f"{name} has shape {tuple(shape)}: cannot tell where its channel axis is; {LAYOUT_HINT}")
 
 
+def as_images(X, name: str = "X"):
+    """Tensors and numpy arrays as they are; other array-likes (nested lists of pixels, objects with
+    ``__array__``) read by numpy, as scikit-learn reads them; anything else is a TypeError."""
+    if isinstance(X, (torch.Tensor, np.ndarray)):
+        return X
+    if not (isinstance(X, (list, tuple)) or hasattr(X, "__array__")):
+        raise TypeError(f"{name} must be images: a numpy array, a torch tensor or nested lists of pixel values, "
+                        f"got {type(X).__name__}")
+    try:
+        return np.asarray(X)
+    except ValueError:
+        raise ValueError(f"{name} cannot be read as an array: its images or rows differ in size") from None
+
+
 def image_rows(X, image_shape=None, channels_last="auto", dtype=torch.float32, name: str = "X",
                expected: str = "image_shape={}"):
     """Images → (rows (n, c·H·W), image_shape).
 
     Accepts (n, c, H, W) or (n, H, W, c) (see :func:`channels_last_layout`), (n, H, W) grey
     images, or flat rows (n, c·H·W) in the C-order of (c, H, W) when ``image_shape`` is given;
-    torch tensors or numpy arrays. uint8 images are scaled to [0, 1]. Raises ValueError on shape
-    mismatch, NaN/Inf or empty data, TypeError on other types. ``expected`` says where a given
-    ``image_shape`` comes from in a mismatch error (formatted with the shape).
+    torch tensors, numpy arrays or other array-likes (:func:`as_images`). uint8 images are scaled
+    to [0, 1]. Raises ValueError on shape mismatch, NaN/Inf or empty data, TypeError on other types.
+    ``expected`` says where a given ``image_shape`` comes from in a mismatch error (formatted with
+    the shape).
     """
-    X = as_tensor(X, name)
+    X = as_tensor(as_images(X, name), name)
     if X.dim() == 3:
         X = X.unsqueeze(1)
     if X.dim() == 4:
@@ -103,6 +119,24 @@ def image_rows(X, image_shape=None, channels_last="auto", dtype=torch.float32, n
     rows = pixels_as_float(X.reshape(X.shape[0], -1), dtype).contiguous()
     check_finite(rows, name)
     return rows, tuple(int(s) for s in image_shape)
+
+
+def row_hash_values(rows: torch.Tensor) -> np.ndarray:
+    """The 64-bit hash (BLAKE2b of the bytes) of each row, in order (int64)."""
+    data = rows.detach().cpu().contiguous().numpy().view(np.uint8).reshape(rows.shape[0], -1)
+    return np.fromiter((int.from_bytes(hashlib.blake2b(memoryview(r), digest_size=8).digest(), "little", signed=True)
+                        for r in data), dtype=np.int64, count=rows.shape[0])
+
+
+def row_hashes(*rows: torch.Tensor) -> torch.Tensor:
+    """The sorted distinct row hashes of the tensors ``rows``: a compact fingerprint of a data
+    set (8 bytes per row), to count which rows of other data it holds (:func:`count_known`)."""
+    return torch.from_numpy(np.unique(np.concatenate([row_hash_values(t) for t in rows])))
+
+
+def count_known(rows: torch.Tensor, hashes: torch.Tensor) -> int:
+    """How many of ``rows`` have a hash among ``hashes`` (a :func:`row_hashes` result)."""
+    return int(np.isin(row_hash_values(rows), hashes.numpy()).sum())
 
 
 # ---------------------------------------------------------------------------- labels

@@ -20,6 +20,7 @@ from .ops import BACKEND_CHOICES, BACKENDS, BackendOptions, choose_backend, conv
 from .ops.dense import TORCH
 from .ops.pooling import location_pairs, window_memory, window_sum
 from .patches import PatchGeometry
+from .progress import advance, progress_rows
 from .validation import as_tensor, check_finite, check_pool_window, check_sigma
 
 _KernelBase = FalkonKernelBase if HAS_FALKON else StandaloneKernel
@@ -185,7 +186,8 @@ class ConvMahalanobisKernel(_KernelBase):
         return window_sum(lambda A, B, w: aligned(A, B, w, None), T1, T2, self.location_pairs(T1), out)
 
     def compute(self, X1: torch.Tensor, X2: torch.Tensor, out: torch.Tensor, diag: bool, **kwargs):
-        """Fill ``out`` with K(X1, X2) (or its diagonal) for one block of rows, in place."""
+        """Fill ``out`` with K(X1, X2) (or its diagonal) for one block of rows, in place (in row
+        chunks that report progress while a bar in kernel entries is shown)."""
         _, weights = self.factor_and_weights(X1)
         T1, T2 = self.patch_features(X1), self.patch_features(X2)
         base, sigma, options = self.base, self.sigma, self.options
@@ -197,8 +199,16 @@ class ConvMahalanobisKernel(_KernelBase):
 
             def aligned(A, B, w, o):
                 return matrix(A, B, base, sigma, w, options, out=o)
-        result = self._pooled(aligned, T1, T2, weights, out if out.is_contiguous() and not diag else None)
-        return result if result is out else out.copy_(result.reshape(out.shape))
+        if diag:
+            return out.copy_(self._pooled(aligned, T1, T2, weights).reshape(out.shape))
+        n, step = X1.shape[0], progress_rows(X1.shape[0])
+        for i0 in range(0, n, step):
+            dest = out if step >= n else out[i0 : i0 + step]
+            part = self._pooled(aligned, T1[:, i0 : i0 + step], T2, weights, dest if out.is_contiguous() else None)
+            if part is not dest:
+                dest.copy_(part.reshape(dest.shape))
+            advance(dest.shape[0] * X2.shape[0])
+        return out
 
     def compute_sparse(self, X1, X2, out, diag, **kwargs):
         raise TypeError("ConvMahalanobisKernel needs dense image rows; sparse inputs are not supported")
@@ -235,6 +245,7 @@ class ConvMahalanobisKernel(_KernelBase):
         out = X1.new_empty(n, v.shape[1]) if out is None else out
         for i0 in range(0, n, rows):
             out[i0 : i0 + rows] = self._pooled(aligned, self.patch_features(X1[i0 : i0 + rows]), T2, weights)
+            advance(min(rows, n - i0) * m)
         return out
 
     def _direct_dmmv(self, X1, X2, v, w, backend, out=None, opt=None, **_):

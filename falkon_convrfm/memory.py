@@ -1,5 +1,6 @@
-"""Memory budgets and measurement: the byte budget of a device, the rows of a chunk that fit it,
-the resident-set size of this process and its peak while a block runs."""
+"""Memory budgets and measurement: the byte budget of a device, the memory of this machine, the
+rows of a chunk that fit a budget, the resident-set size of this process and its peak while a
+block runs."""
 from __future__ import annotations
 
 import math
@@ -26,6 +27,22 @@ def memory_budget(limit=None, device="cpu", default: float = math.inf) -> float:
     if limit is None or math.isinf(limit):
         return default
     return float(limit)
+
+
+def machine_memory(device="cpu") -> tuple:
+    """(bytes, description) of the memory a fit on ``device`` can use now: the free memory of a
+    CUDA device, else the available RAM (Linux ``MemAvailable``; the physical RAM elsewhere)."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free), f"free memory of {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return float(fields["MemAvailable"].split()[0]) * 1024, "available CPU memory"
+    except (OSError, KeyError, ValueError):
+        return float(os.sysconf("SC_PHYS_PAGES") * _PAGE), "physical CPU memory"
 
 
 def chunk_rows(budget_bytes: float, memory: dict, n: int, m: int, itemsize: int) -> int:

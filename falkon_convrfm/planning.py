@@ -2,7 +2,7 @@
 
 All terms follow the code: the kernel's declared temporaries (``extra_mem``), the solver's
 matrices (Falkon: stored K_nm and preconditioner; ``nystrom``: the float64 normal equations and
-one K_nm row block), the AGOP chunk rule of :func:`~falkon_convrfm.agop.patch_agop` and the deep
+one K_nm row block; ``exact``: K in float64 and its Cholesky factor), the AGOP chunk rule of :func:`~falkon_convrfm.agop.patch_agop` and the deep
 feature maps. Sizes are for one device holding everything (CPU RAM, or one GPU with the
 data in-core).
 """
@@ -34,16 +34,21 @@ def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, paddi
 
     ``rank`` defaults to d (a full-rank metric). ``block_budget``: Falkon's ``max_*_mem``
     (None: unbounded, blocks as large as the data). ``feature_channels``/``pool``: also size the
-    feature maps of a Deep ConvRFM layer with that width. ``solver``: ``"falkon"`` or
-    ``"nystrom"`` (the direct solve, whose row blocks get ``block_budget`` or 1 GiB).
-    ``pool_window``: the kernel's local pooling window.
+    feature maps of a Deep ConvRFM layer with that width. ``solver`` (resolved, as by
+    :func:`~falkon_convrfm.solvers.choose_solver`): ``"falkon"``, ``"nystrom"`` (the direct solve,
+    whose row blocks get ``block_budget`` or 1 GiB) or ``"exact"`` (every training row a centre:
+    ``centres`` is n). ``pool_window``: the kernel's local pooling window.
     """
     s = BYTES[dtype]
     geo = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
     r = geo.patch_dim if rank is None else rank
+    centres = n if solver == "exact" else min(centres, n)
 
     def solver_phases(m: int) -> dict:
         blocks = kernel_temporaries(geo, n, m, r, s, pool_window)
+        if solver == "exact":  # K (n × n) in the data's dtype, its float64 copy and Cholesky factor
+            return {"K + float64 copy": n * n * (s + 8), "Cholesky factor": n * n * 8,
+                    "kernel blocks": blocks if block_budget is None else min(blocks, int(block_budget))}
         if solver == "nystrom":  # A = K_nmᵀK_nm + nλK_mm and its Cholesky factor, one K_nm row block
             budget = memory_budget(block_budget, default=DEFAULT_BLOCK_MEMORY)
             return {"normal equations": 2 * m * m * 8, "K_nm block": int(min(n * m * (s + 16) + blocks, budget))}
@@ -77,12 +82,17 @@ def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, paddi
             "max_centres": lo}
 
 
-def format_plan(plan: dict) -> str:
-    """A printable table of :func:`plan_memory`'s result."""
+def format_plan(plan: dict, memory_source: str = "") -> str:
+    """A printable table of :func:`plan_memory`'s result (``memory_source``: where its memory
+    figure comes from)."""
     gib = 2**30
     lines = [f"memory plan: n = {plan['n']}, centres = {plan['centres']}, {plan['dtype']}, solver {plan['solver']}"]
     lines += [f"  {name:16s} {b / gib:9.2f} GiB" for name, b in plan["phases"].items()]
-    lines.append(f"  {'peak':16s} {plan['peak'] / gib:9.2f} GiB of {plan['device_memory'] / gib:.1f} GiB "
+    source = f" {memory_source}" if memory_source else ""
+    lines.append(f"  {'peak':16s} {plan['peak'] / gib:9.2f} GiB of {plan['device_memory'] / gib:.1f} GiB{source} "
                  f"({'fits' if plan['fits'] else 'does NOT fit'})")
-    lines.append(f"  largest centre count that fits: {plan['max_centres']}")
+    if plan["solver"] == "exact":
+        lines.append("  exact solver: every training image is a centre")
+    else:
+        lines.append(f"  largest centre count that fits: {plan['max_centres']}")
     return "\n".join(lines)

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ._compat import resolve_device
 from .agop import agop_memory_budget, patch_agop
@@ -21,6 +20,7 @@ from .metric import dc_direction, fixed_metric, spectrum_summary, update_metric
 from .params import FACTORS, FLAG, IMAGE_SHAPE, AnyOf, Bandwidth, Integer, Interval, OddInteger, OneOf, Param, Positive, param_default, table
 from .patches import PatchGeometry
 from .persistence import data_fingerprint
+from .progress import KERNEL_ENTRIES, phase, scoped, steps
 from .scoring import evaluate
 from .solvers import choose_solver, fit_kernel_machine, solver_options
 from .validation import warn
@@ -349,14 +349,14 @@ class ConvRFM(RFMEstimator):
         Xtr, Ytr, Xval, Yval, centre_idx = data
         sigmas = [self.sigma_ * f for f in self.sigma_grid] if BASE_KERNELS[self.kernel].uses_sigma else [self.sigma_]
         best = None
-        for sigma in sigmas:
+        grid = [(sigma, self.penalty * f) for sigma in sigmas for f in self.penalty_grid]
+        for sigma, penalty in steps(grid, "tune σ, λ", unit="fit"):
             kernel = self._make_kernel(M, None, sigma, image_shape)
-            for penalty in (self.penalty * f for f in self.penalty_grid):
-                centres, alpha = self._solve(kernel, Xtr, Ytr, centre_idx, penalty)
-                score = evaluate(self.task_, kernel.mmv(Xval, centres, alpha), Yval)[self._score_key()]
-                self.tuning_.append({"sigma": sigma, "penalty": penalty, "val_" + self._score_key(): score})
-                if best is None or score > best[0]:
-                    best = (score, sigma, penalty)
+            centres, alpha = self._solve(kernel, Xtr, Ytr, centre_idx, penalty)
+            score = evaluate(self.task_, kernel.mmv(Xval, centres, alpha), Yval)[self._score_key()]
+            self.tuning_.append({"sigma": sigma, "penalty": penalty, "val_" + self._score_key(): score})
+            if best is None or score > best[0]:
+                best = (score, sigma, penalty)
         return best[1], best[2]
 
     # ------------------------------------------------------------------ fit
@@ -380,6 +380,7 @@ class ConvRFM(RFMEstimator):
             data.Ytr, data.Yval = ((2 * t[:, 1:] - 1).contiguous() for t in (data.Ytr, data.Yval))
         return data
 
+    @scoped
     def fit(self, X, y, X_val=None, y_val=None):
         """Fit on images X (see ``image_shape`` / ``channels_last``) and labels or targets y.
 
@@ -415,8 +416,7 @@ class ConvRFM(RFMEstimator):
             self._warn_degenerate(self._make_kernel(M, weights, self.sigma_, image_shape), rows, median)
 
         key = self._score_key()
-        bar = tqdm(range(start, self.iterations + 1), desc="ConvRFM", disable=not self.progress, initial=start,
-                   total=self.iterations + 1)
+        bar = steps(range(start, self.iterations + 1), "ConvRFM", self.iterations + 1, "iteration", start, leave=True)
         for t in bar:
             record = {"iteration": t, "sigma": self.sigma_, "penalty": self.penalty_}
             tic = time.perf_counter()
@@ -425,9 +425,10 @@ class ConvRFM(RFMEstimator):
             record["time_fit"] = time.perf_counter() - tic
             tic = time.perf_counter()
             Xa = Xtr[agop_idx]
-            record.update({"train_" + k: v for k, v in evaluate(self.task_, kernel.mmv(Xa, centres, alpha), Ytr[agop_idx]).items()})
-            if Xval.shape[0]:
-                record.update({"val_" + k: v for k, v in evaluate(self.task_, kernel.mmv(Xval, centres, alpha), Yval).items()})
+            with phase("evaluate", (Xa.shape[0] + Xval.shape[0]) * centres.shape[0], KERNEL_ENTRIES):
+                record.update({"train_" + k: v for k, v in evaluate(self.task_, kernel.mmv(Xa, centres, alpha), Ytr[agop_idx]).items()})
+                if Xval.shape[0]:
+                    record.update({"val_" + k: v for k, v in evaluate(self.task_, kernel.mmv(Xval, centres, alpha), Yval).items()})
             record["time_eval"] = time.perf_counter() - tic
             record["spectrum"] = spectrum_summary(M)
             self.metrics_.append(M)
@@ -436,8 +437,7 @@ class ConvRFM(RFMEstimator):
                 best = {"score": score, "iteration": t, "M": M, "weights": weights, "centres": centres, "alpha": alpha}
             if t < self.iterations:
                 tic = time.perf_counter()
-                G, share = patch_agop(kernel, centres, alpha, Xa, **agop_memory_budget(self.max_memory),
-                                      progress=self.progress)
+                G, share = patch_agop(kernel, centres, alpha, Xa, **agop_memory_budget(self.max_memory))
                 record["time_agop"] = time.perf_counter() - tic
                 tic = time.perf_counter()
                 M = update_metric(G, self.agop_power, self.dc_weight_, self.shrinkage)
@@ -466,7 +466,8 @@ class ConvRFM(RFMEstimator):
 
     def _scores(self, rows: torch.Tensor) -> torch.Tensor:
         """f(rows) = K_M(rows, centres) α (n, C), on the model's device."""
-        return self.kernel_.mmv(rows, self.centres_.to(rows.dtype), self.alpha_.to(rows.dtype))
+        with phase("predict", rows.shape[0] * self.centres_.shape[0], KERNEL_ENTRIES):
+            return self.kernel_.mmv(rows, self.centres_.to(rows.dtype), self.alpha_.to(rows.dtype))
 
     def _to_device(self, device: torch.device) -> None:
         self.centres_, self.alpha_ = self.centres_.to(device), self.alpha_.to(device)

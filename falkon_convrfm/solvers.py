@@ -13,6 +13,7 @@ from . import _compat
 from ._compat import make_options
 from ._standalone import plan_blocks
 from .memory import memory_budget
+from .progress import phase
 from .validation import positive_number, warn
 
 SOLVERS = ("auto", "falkon", "exact", "nystrom")
@@ -256,6 +257,17 @@ def _falkon_model_fit(kernel, X, Y, centre_idx, penalty, loss, maxiter, options)
     return model.ny_points_, model.alpha_
 
 
+def solve_entries(solver: str, loss: str, n: int, m: int) -> int | None:
+    """Kernel entries the ``solver`` (resolved) evaluates on n rows and m centres: K (n²) for
+    ``'exact'``, K_nm for ``'nystrom'``, K_mm and the stored K_nm for Falkon's squared loss;
+    None (unknown) for the logistic loss, whose Newton steps re-evaluate the kernel."""
+    if solver == "exact":
+        return n * n
+    if solver == "nystrom":
+        return n * m
+    return m * m + n * m if loss == "squared" else None
+
+
 def fit_kernel_machine(
     kernel,
     X: torch.Tensor,
@@ -283,11 +295,19 @@ def fit_kernel_machine(
       extension fails to load at its first use (an OSError, e.g. a CUDA build that does not match
       torch), a one-time warning says so and the squared loss falls back to ``'nystrom'``.
 
-    ``'exact'`` and ``'nystrom'`` support the squared loss only.
+    ``'exact'`` and ``'nystrom'`` support the squared loss only. Progress: a bar in kernel
+    entries (:func:`solve_entries`).
     """
     solver = choose_solver(solver, X.device)
     if loss not in ("squared", "logistic"):
         raise ValueError(f"loss must be 'squared' or 'logistic', got {loss!r}")
+    m = X.shape[0] if solver == "exact" else len(centre_idx)
+    with phase(f"{solver} solve", solve_entries(solver, loss, X.shape[0], m)):
+        return _run_solver(kernel, X, Y, centre_idx, penalty, solver, loss, maxiter, options, block_memory)
+
+
+def _run_solver(kernel, X, Y, centre_idx, penalty, solver, loss, maxiter, options, block_memory):
+    """:func:`fit_kernel_machine` for a resolved ``solver`` and a checked ``loss``."""
     if solver == "falkon":
         try:
             return _falkon_fit(kernel, X, Y, centre_idx, penalty, loss, maxiter, options)

@@ -103,6 +103,16 @@ USER_ERRORS = [
     ([], "required: COMMAND"),
     (["predict", "--model", "{conv}", "--n", "-5"], "argument --n: value must be an integer >= 1, got -5"),
     (["predict", "--n", "5"], "required: --model"),
+    (["predict", "--model", "{conv}", "--rows", "5"], "argument --rows: expected START:STOP"),
+    (["predict", "--model", "{conv}", "--rows", "a:b"], "argument --rows: expected START:STOP"),
+    (["evaluate", "--model", "{conv}", "--rows", "9:3"], "argument --rows: STOP must be greater than START, got '9:3'"),
+    (["evaluate", "--model", "{conv}", "--rows=-1:"], "argument --rows: row numbers count from 0"),
+    (["evaluate", "--model", "{conv}", "--rows", "500:600"],
+     "--rows 500:600 is out of range: digits test split has 540 images (rows 0:540)"),
+    (["predict", "--model", "{conv}", "--rows", "600:"], "--rows 600: is out of range"),
+    (["predict", "--model", "{conv}", "--rows", "0:5", "--n", "5"], "--n and --rows both choose the images"),
+    (["plan", "--n", "100", "--pool-window", "2"], "argument --pool-window: pool_window must be odd"),
+    (["plan", "--n", "100", "--solver", "cg"], "argument --solver"),
     (["evaluate", "--model", "{conv}", "--split", "validation"], "argument --split"),
     (["plan", "--n", "0"], "argument --n: value must be an integer >= 1, got 0"),
     (["plan", "--n", "100", "--centres", "-1"], "argument --centres"),
@@ -252,7 +262,7 @@ def test_predictions_replace_a_file_only_with_overwrite(files, tmp_path, capsys)
     path.write_text("old")
     argv = ["predict", "--model", files["conv"], "--n", "3", "--out", path]
     assert call(argv, capsys)[0] == 2 and path.read_text() == "old"
-    assert call(argv + ["--overwrite"], capsys)[0] == 0 and np.loadtxt(path).shape == (3,)
+    assert call(argv + ["--overwrite"], capsys)[0] == 0 and np.loadtxt(path, delimiter=",", skiprows=1).shape == (3, 2)
 
 
 def test_checkpoint_of_another_fit_is_refused_in_the_options_words(tmp_path, capsys):
@@ -340,8 +350,64 @@ def test_predictions_go_to_exactly_the_named_file(files, tmp_path, capsys):
         code, out, _ = call(["predict", "--model", files["conv"], "--n", "7", "--out", tmp_path / name], capsys)
         assert code == 0 and f"wrote 7 predictions for digits test split to {tmp_path / name}" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["PRED.NPY", "pred.csv", "pred.npy"]
-    csv = np.loadtxt(tmp_path / "pred.csv", dtype=np.int64)
-    assert np.array_equal(csv, np.load(tmp_path / "pred.npy")) and csv.shape == (7,)
+    assert (tmp_path / "pred.csv").read_text().splitlines()[0] == "row,label"
+    csv = np.loadtxt(tmp_path / "pred.csv", dtype=np.int64, delimiter=",", skiprows=1)
+    assert csv.shape == (7, 2) and np.array_equal(csv[:, 0], np.arange(7))
+    assert np.array_equal(csv[:, 1], np.load(tmp_path / "pred.npy"))
+
+
+def test_rows_select_a_range_of_the_file(files, tmp_path, capsys):
+    """--rows START:STOP scores rows START..STOP-1; the CSV's row column counts in the file."""
+    code, out, _ = call(["predict", "--model", files["conv"], "--rows", "100:110", "--out", tmp_path / "r.csv"], capsys)
+    assert code == 0 and "wrote 10 predictions for digits test split, rows 100:110" in out
+    call(["predict", "--model", files["conv"], "--n", "110", "--out", tmp_path / "n.npy"], capsys)
+    rows = np.loadtxt(tmp_path / "r.csv", dtype=np.int64, delimiter=",", skiprows=1)
+    assert np.array_equal(rows[:, 0], np.arange(100, 110))
+    assert np.array_equal(rows[:, 1], np.load(tmp_path / "n.npy")[100:])
+    code, out, _ = call(["evaluate", "--model", files["conv"], "--rows", "500:", "--out", tmp_path / "e.json"], capsys)
+    assert code == 0 and out.startswith("digits test split, rows 500:540: 40 images")
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["rows"] == [500, 540] and np.asarray(report["confusion"]).sum() == 40
+
+
+def test_scoring_training_rows_warns_once(files, capsys):
+    """The conv model was fitted on the first 400 rows of the digits training split."""
+    code, out, err = call(["evaluate", "--model", files["conv"], "--split", "train", "--rows", "350:450"], capsys)
+    assert code == 0 and err.count("warning:") == 1
+    assert "warning: 50 of the 100 images scored were in the data this model was fitted on" in err
+    code, out, err = call(["evaluate", "--model", files["conv"], "--split", "train", "--rows", "400:500"], capsys)
+    assert code == 0 and "fitted on" not in err
+
+
+def test_plan_uses_the_solver_fit_chooses(monkeypatch, capsys):
+    """plan resolves --solver with the function fit uses; its memory is this machine's."""
+    import falkon_convrfm.rfm as rfm
+    from falkon_convrfm.memory import machine_memory
+    from falkon_convrfm.solvers import choose_solver
+
+    used = []
+    fit_kernel_machine = rfm.fit_kernel_machine
+    monkeypatch.setattr(rfm, "fit_kernel_machine", lambda *a, **k: used.append(a[5]) or fit_kernel_machine(*a, **k))
+    X, y = load_digits(return_X_y=True)
+    for solver in ("auto", "exact", "nystrom"):
+        code, text, _ = call(["plan", "--n", "100", "--image-shape", "1", "8", "8", "--solver", solver], capsys)
+        planned = choose_solver(solver, "cpu")
+        assert code == 0 and text.startswith(f"memory plan: n = 100, centres = 100, float32, solver {planned}\n")
+        ConvRFM(solver=solver, iterations=0, n_centres=50, progress=False, random_state=0).fit(X[:60].reshape(-1, 8, 8), y[:60])
+        assert used[-1] == planned
+    free = machine_memory("cpu")[0] / 2**30
+    assert f"GiB of {free:.1f} GiB available CPU memory" in text or "physical CPU memory" in text
+
+
+def test_plan_sizes_the_pooling_window_and_exact_solver(capsys):
+    def blocks(*options):
+        code, text, _ = call(["plan", "--n", "2000", "--device-memory-gb", "80", "--solver", "exact", *options], capsys)
+        assert code == 0
+        return float(text.split("kernel blocks")[1].split()[0])
+
+    assert blocks("--pool-window", "3") > blocks()
+    code, text, _ = call(["plan", "--n", "2000", "--solver", "exact", "--device-memory-gb", "80"], capsys)
+    assert "centres = 2000" in text and "Cholesky factor" in text and "every training image is a centre" in text
 
 
 def test_evaluate_names_its_data_and_the_class_names(files, capsys):

@@ -72,7 +72,8 @@ def _X(X):
 
 BAD_FIT = [
     # (id, estimator params, X transform, y transform, error, message)
-    ("X-list", {}, lambda X: X.tolist(), _X, TypeError, "numpy"),
+    ("X-ragged-list", {}, lambda X: [X[0].tolist(), X[1, :, :4].tolist()], _X, ValueError, "differ in size"),
+    ("X-string", {}, lambda X: "train.npz", _X, TypeError, "X must be images"),
     ("X-object-array", {}, lambda X: X.astype(object), _X, TypeError, "real numbers"),
     ("X-5d", {}, lambda X: X[:, None], _X, ValueError, "images"),
     ("X-empty", {}, lambda X: X[:0], lambda y: y[:0], ValueError, "empty"),
@@ -131,7 +132,9 @@ def test_bad_prediction_input(fitted, digits):
     X, y = digits
     for call, error, match in [
         (lambda: fitted.predict(np.zeros((2, 1, 7, 7))), ValueError, "but the model was fitted on images of shape"),
-        (lambda: fitted.predict(X.tolist()), TypeError, "numpy"),
+        (lambda: fitted.predict("images.npz"), TypeError, "X must be images: a numpy array, a torch tensor or nested"),
+        (lambda: fitted.predict([X[0].tolist(), X[1, :, :4].tolist()]), ValueError, "differ in size"),
+        (lambda: fitted.predict([["a", "b"]]), TypeError, "real numbers"),
         (lambda: fitted.score(X, y[:-1]), ValueError, "labels but X has"),
         (lambda: fitted.score(X, np.eye(4)[y]), ValueError, "one-hot columns"),
         (lambda: small().predict(X), RuntimeError, "not fitted"),
@@ -524,3 +527,64 @@ def test_to_unavailable_device(fitted):
         pytest.skip("CUDA is available")
     with pytest.raises(RuntimeError, match="CUDA"):
         fitted.to("cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# array-likes, the training-data fingerprint, progress bars (issue 18)
+def test_a_list_of_images_predicts_as_the_array(fitted, digits):
+    X, y = digits
+    Xnew = X[::-1].copy() + 0.01  # not the training rows: no overlap warning
+    assert np.array_equal(fitted.predict(Xnew.tolist()), fitted.predict(Xnew))
+    assert np.allclose(fitted.decision_function(Xnew.tolist()), fitted.decision_function(Xnew))
+    assert fitted.score(Xnew.tolist(), y.tolist()) == fitted.score(Xnew, y)
+    model = small(iterations=0).fit(X.tolist(), y.tolist())  # fit reads lists too
+    assert np.array_equal(model.predict(Xnew), small(iterations=0).fit(X, y).predict(Xnew))
+
+
+def _seen_warnings(call) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "data this model was fitted on" in str(w.message)]
+
+
+def test_scoring_training_rows_warns_once_with_the_count(fitted, digits):
+    X, y = digits
+    new = X[:25] + 0.5  # other images
+    mixed = np.concatenate([X[:10], new])
+    for call in (lambda: fitted.predict(mixed), lambda: fitted.score(mixed, y[:35]),
+                 lambda: fitted.evaluate(mixed, y[:35]), lambda: fitted.decision_function(torch.from_numpy(mixed))):
+        messages = _seen_warnings(call)
+        assert len(messages) == 1 and messages[0].startswith("10 of the 35 images scored were in the data")
+    assert _seen_warnings(lambda: fitted.predict(new)) == []
+    # the validation rows of the fit count as seen too: every row of X was given to fit
+    assert _seen_warnings(lambda: fitted.predict(X))[0].startswith(f"{len(X)} of the {len(X)} images")
+
+
+def test_fingerprint_is_saved_and_old_files_still_load(fitted, digits, tmp_path):
+    X, _ = digits
+    assert fitted.train_row_hashes_.dtype == torch.int64 and fitted.train_row_hashes_.shape == (len(X),)
+    fitted.save(tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    assert torch.equal(loaded.train_row_hashes_, fitted.train_row_hashes_)
+    assert len(_seen_warnings(lambda: loaded.predict(X[:3]))) == 1
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    del state["fitted"]["train_row_hashes_"]  # a model saved before the fingerprint was stored
+    torch.save(state, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert _seen_warnings(lambda: old.predict(X[:3])) == []
+    assert np.array_equal(old.predict(X), fitted.predict(X))
+
+
+@pytest.mark.parametrize("make", [lambda **p: small(**p), lambda **p: deep(**p)], ids=["ConvRFM", "DeepConvRFM"])
+def test_progress_false_prints_nothing(digits, capfd, monkeypatch, make):
+    import falkon_convrfm.progress as progress
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)  # even phases of no time would draw a bar
+    X, y = digits
+    model = make(progress=False).fit(X, y)
+    model.predict(X[:5] + 0.5), model.score(X[:5] + 0.5, y[:5])
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    model.set_params(progress=True).predict(X[:5] + 0.5)  # and True does draw them (prediction's phase)
+    assert "predict" in capfd.readouterr().err

@@ -353,8 +353,8 @@ def test_bad_data(digits):
         small(image_shape=(1, 7, 7)).fit(X, y)
     with pytest.raises(ValueError, match="patch_size"):
         small(patch_size=9).fit(X, y)
-    with pytest.raises(TypeError, match="numpy"):
-        small().fit(X.tolist(), y)
+    with pytest.raises(TypeError, match="X must be images: a numpy array, a torch tensor or nested lists"):
+        small().fit("images.npz", y)  # nested lists are images (test_estimator_inputs.py)
 
 
 def test_logistic_loss_needs_two_classes(digits):
@@ -562,21 +562,22 @@ def _with(messages, phrase) -> list:
 
 @pytest.fixture(scope="module")
 def plenty():
-    """300 digits of classes 0–9 for training and 120 others for validation: enough for no warning."""
+    """300 digits of classes 0–9 for training, 120 others for validation (enough for no warning)
+    and 100 more, new to the model, for testing."""
     data = load_digits()
     X, y = (data.images / 16.0)[:, None].astype(np.float64), data.target
-    return X[:300], y[:300], X[300:420], y[300:420]
+    return X[:300], y[:300], X[300:420], y[300:420], X[420:520], y[420:520]
 
 
 def test_a_normal_fit_and_prediction_warn_nothing(plenty, tmp_path):
-    X, y, X_val, y_val = plenty
+    X, y, X_val, y_val, X_test, y_test = plenty
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = small(iterations=1).fit(X, y, X_val, y_val)
-        model.predict(X_val[:1])  # one image: its range is narrow but not another scale
-        model.score(X_val, y_val)
+        model.predict(X_test[:1])  # one image: its range is narrow but not another scale
+        model.score(X_test, y_test)
         model.save(tmp_path / "m.pt")
-        assert ConvRFM.load(tmp_path / "m.pt").score(X_val, y_val) == model.score(X_val, y_val)
+        assert ConvRFM.load(tmp_path / "m.pt").score(X_test, y_test) == model.score(X_test, y_test)
     assert model.input_range_ == (0.0, 1.0) and isinstance(model.seed_, int)
 
 
@@ -615,7 +616,7 @@ def test_values_on_another_scale_warn_at_prediction(fitted, digits, tmp_path):
     X, y = digits
     for call in (lambda: fitted.predict(255 * X), lambda: fitted.score(255 * X, y), lambda: fitted.predict(X / 255)):
         assert len(_with(_warnings_of(call), "but the model was fitted on values in [0, 1]")) == 1
-    assert not _warnings_of(lambda: fitted.predict(X))
+    assert not _with(_warnings_of(lambda: fitted.predict(X)), "values in")
     fitted.save(tmp_path / "m.pt")
     loaded = ConvRFM.load(tmp_path / "m.pt")
     assert loaded.input_range_ == fitted.input_range_
