@@ -48,6 +48,23 @@ class NormalisedPatches(PatchGeometry):
         return (U - box * (ones @ factor)) / (var + self.eps).sqrt()
 
 
+def kmeans_atoms(patches, L, k, iterations, gen):
+    """k atoms by Lloyd's k-means in the metric's coordinates Lᵀx (Coates & Ng 2011) on 200 000
+    random patches, started from k of them; a centroid in pixel space is the mean of its patches
+    (Lᵀ commutes with it), an empty cluster keeps its atom."""
+    patches = patches[torch.randperm(len(patches), generator=gen)[:200_000]]
+    atoms = patches[:k].clone()
+    U = patches @ L
+    for _ in range(iterations):
+        C = atoms @ L
+        nearest = torch.cat([torch.cdist(U[i : i + 8192], C).argmin(1) for i in range(0, len(U), 8192)])
+        sums = torch.zeros_like(atoms).index_add_(0, nearest, patches)
+        counts = torch.bincount(nearest, minlength=k)
+        filled = counts > 0
+        atoms[filled] = sums[filled] / counts[filled, None]
+    return atoms
+
+
 def standardised(images: np.ndarray, mean=None, std=None):
     X = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
     if mean is None:
@@ -74,6 +91,8 @@ def main(argv=None):
     p.add_argument("--agop-samples", type=int, default=1000)
     p.add_argument("--patch-norm", type=float, metavar="EPS",
                    help="normalise each patch's brightness and contrast, (x − μ) / sqrt(var + EPS)")
+    p.add_argument("--kmeans", type=int, default=0, metavar="T",
+                   help="atoms by T iterations of k-means on the sampled patches (default: random patches)")
     p.add_argument("--penalties", default="1e-4,1e-3,1e-2,1e-1")
     args = p.parse_args(argv)
 
@@ -95,7 +114,8 @@ def main(argv=None):
         M = whitening_metric(patch_covariance(patches), args.eps)
     else:
         M = fixed_metric(geometry.patch_dim, 0.2 if args.metric == "dc" else None)
-    atoms = patches[torch.randperm(len(patches), generator=gen)[: args.atoms]]
+    atoms = (patches[torch.randperm(len(patches), generator=gen)[: args.atoms]] if not args.kmeans
+             else kmeans_atoms(patches, metric_factor(M).float(), args.atoms, args.kmeans, gen))
     pool_spec = tuple(int(v) for v in args.pooling.split(","))
     pool = pooling_matrix(geometry.out_shape, pool_spec[0] if len(pool_spec) == 1 else pool_spec).float()
     Y = torch.nn.functional.one_hot(ytr, 10).float()
