@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from falkon_convrfm.base_kernels import BASE_KERNELS
-from falkon_convrfm.features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
+from falkon_convrfm.features import PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix
 from falkon_convrfm.metric import fixed_metric, metric_factor, patch_covariance, refine_metric, whitening_metric
 from falkon_convrfm.patches import PatchGeometry
 
@@ -46,23 +46,6 @@ class NormalisedPatches(PatchGeometry):
         sq = PatchGeometry.transformed_patches(self, rows * rows, ones.T / self.patch_dim)  # mean of x²
         var = (sq - box * box).clamp_min(0)
         return (U - box * (ones @ factor)) / (var + self.eps).sqrt()
-
-
-def kmeans_atoms(patches, L, k, iterations, gen):
-    """k atoms by Lloyd's k-means in the metric's coordinates Lᵀx (Coates & Ng 2011) on 200 000
-    random patches, started from k of them; a centroid in pixel space is the mean of its patches
-    (Lᵀ commutes with it), an empty cluster keeps its atom."""
-    patches = patches[torch.randperm(len(patches), generator=gen)[:200_000]]
-    atoms = patches[:k].clone()
-    U = patches @ L
-    for _ in range(iterations):
-        C = atoms @ L
-        nearest = torch.cat([torch.cdist(U[i : i + 8192], C).argmin(1) for i in range(0, len(U), 8192)])
-        sums = torch.zeros_like(atoms).index_add_(0, nearest, patches)
-        counts = torch.bincount(nearest, minlength=k)
-        filled = counts > 0
-        atoms[filled] = sums[filled] / counts[filled, None]
-    return atoms
 
 
 def standardised(images: np.ndarray, mean=None, std=None):
@@ -115,7 +98,8 @@ def main(argv=None):
     else:
         M = fixed_metric(geometry.patch_dim, 0.2 if args.metric == "dc" else None)
     atoms = (patches[torch.randperm(len(patches), generator=gen)[: args.atoms]] if not args.kmeans
-             else kmeans_atoms(patches, metric_factor(M).float(), args.atoms, args.kmeans, gen))
+             else kmeans_atoms(patches[torch.randperm(len(patches), generator=gen)[:200_000]], metric_factor(M).float(),
+                               args.atoms, args.kmeans))
     pool_spec = tuple(int(v) for v in args.pooling.split(","))
     pool = pooling_matrix(geometry.out_shape, pool_spec[0] if len(pool_spec) == 1 else pool_spec).float()
     Y = torch.nn.functional.one_hot(ytr, 10).float()

@@ -16,7 +16,7 @@ import torch
 
 from .base_kernels import BASE_KERNELS
 from .estimator import COMMON_PARAMS, RFMEstimator, median_bandwidth, warn_few_locations, warn_tied_iterates
-from .features import PatchFeatureMap, RidgeStatistics, median_atom_distance, pooling_matrix
+from .features import PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix
 from .memory import memory_budget
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
 from .params import FACTORS, IMAGE_SHAPE, POOLING, Bandwidth, Integer, Interval, OneOf, Param, Positive, table
@@ -32,6 +32,10 @@ DATA_IMAGES = 2000
 # Patches measured for the median patch-to-atom distance.
 MEDIAN_PATCHES = 4000
 METRICS = ("whiten", "identity", "dc")
+DICTIONARIES = ("random", "kmeans")
+# Patches k-means clusters, and its Lloyd iterations (dictionary="kmeans").
+KMEANS_PATCHES = 200_000
+KMEANS_ITERATIONS = 10
 AUGMENTS = (None, "flip")
 # Bytes of encoding and AGOP temporaries when max_memory is None.
 DEFAULT_MEMORY = 2**30
@@ -48,7 +52,9 @@ PATCH_FEATURE_PARAMS = table(
     Param("patch_size", Integer(1), "patch side q"),
     Param("stride", Integer(1), "patch stride"),
     Param("padding", Integer(0), "zero padding"),
-    Param("n_atoms", Integer(1), "dictionary size k (random training patches)", "--atoms", "K"),
+    Param("n_atoms", Integer(1), "dictionary size k", "--atoms", "K"),
+    Param("dictionary", OneOf(DICTIONARIES), "atoms: random training patches, or k-means centroids of them in the "
+                                             "starting metric", "--dictionary"),
     Param("pooling", POOLING, "pooled regions: g (a g×g grid) or window,stride", "--pooling", "G"),
     Param("kernel", OneOf(BASE_KERNELS), "base patch kernel"),
     Param("sigma", Bandwidth(), "bandwidth, or 'median'"),
@@ -75,7 +81,10 @@ class PatchFeatureRFM(RFMEstimator):
     stride, padding : int, default 1, 0
         Patch geometry.
     n_atoms : int, default 1024
-        Dictionary size k: random training patches.
+        Dictionary size k.
+    dictionary : {'random', 'kmeans'}, default 'random'
+        The atoms: k random training patches, or the centroids of 10 Lloyd iterations of k-means on
+        200 000 training patches in the starting metric's coordinates (Coates & Ng).
     pooling : int or (int, int), default 3
         g×g grid of average-pooled regions (2 = quadrants), or (window, stride) average pooling.
     kernel : str, default "laplace"
@@ -119,6 +128,7 @@ class PatchFeatureRFM(RFMEstimator):
         stride=1,
         padding=0,
         n_atoms=1024,
+        dictionary="random",
         pooling=3,
         kernel="laplace",
         sigma="median",
@@ -147,6 +157,7 @@ class PatchFeatureRFM(RFMEstimator):
         self.stride = stride
         self.padding = padding
         self.n_atoms = n_atoms
+        self.dictionary = dictionary
         self.pooling = pooling
         self.kernel = kernel
         self.sigma = sigma
@@ -227,9 +238,12 @@ class PatchFeatureRFM(RFMEstimator):
         sample = Xtr[torch.randperm(n, generator=gen)[:DATA_IMAGES].to(Xtr.device)]
         patches = geometry.patches(sample).reshape(-1, geometry.patch_dim)
         patches = patches[torch.randperm(patches.shape[0], generator=gen).to(Xtr.device)]
-        self.atoms_ = patches[: self.n_atoms].clone()
         if self.n_atoms > patches.shape[0]:
             raise ValueError(f"n_atoms={self.n_atoms} is more than the {patches.shape[0]} training patches sampled")
+        start_metric = self._start_metric(patches)
+        self.atoms_ = (patches[: self.n_atoms].clone() if self.dictionary == "random" else
+                       kmeans_atoms(patches[:KMEANS_PATCHES], metric_factor(start_metric).to(patches.dtype),
+                                    self.n_atoms, KMEANS_ITERATIONS))
         agop_idx = torch.randperm(n, generator=gen)[: min(self.agop_samples, n)].sort().values.to(Xtr.device)
         if self.augment == "flip":
             Xtr, Ytr = torch.cat([Xtr, flip_rows(Xtr, image_shape)]), torch.cat([Ytr, Ytr])
@@ -239,7 +253,7 @@ class PatchFeatureRFM(RFMEstimator):
             start, M, best = state["next"], state["M"], state["best"]
             self.history_, self.metrics_ = state["history"], state["metrics"]
         else:
-            start, M, best, self.history_, self.metrics_ = 0, self._start_metric(patches), None, [], []
+            start, M, best, self.history_, self.metrics_ = 0, start_metric, None, [], []
         key = "accuracy" if self.task_ == "classification" else "r2"
         budget = self._memory()
         bar = steps(range(start, self.iterations + 1), "PatchFeatureRFM", self.iterations + 1, "iteration", start,

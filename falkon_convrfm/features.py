@@ -98,6 +98,26 @@ def median_atom_distance(U: torch.Tensor, A: torch.Tensor) -> float:
     return torch.cdist(U.double(), A.double()).median().item()
 
 
+# ---------------------------------------------------------------------------------------------- dictionary
+def kmeans_atoms(patches: torch.Tensor, factor: torch.Tensor, k: int, iterations: int) -> torch.Tensor:
+    """k atoms (k, d) by Lloyd's k-means of ``patches`` (N, d) in the metric's coordinates Lᵀx
+    (Coates & Ng 2011), started from the first k patches (pass them shuffled):
+
+    .. math::  c(i) = \arg\min_j ‖Lᵀ(x_i − a_j)‖, \qquad a_j ← \operatorname{mean}\{x_i : c(i) = j\}
+
+    (the mean commutes with Lᵀ, so centroids stay in pixel space); an empty cluster keeps its atom."""
+    atoms = patches[:k].clone()
+    U = patches @ factor
+    for _ in steps(range(iterations), "k-means dictionary"):
+        C = atoms @ factor
+        nearest = torch.cat([torch.cdist(U[i : i + 8192], C).argmin(1) for i in range(0, U.shape[0], 8192)])
+        sums = torch.zeros_like(atoms).index_add_(0, nearest, patches)
+        counts = torch.bincount(nearest, minlength=k)
+        filled = counts > 0
+        atoms[filled] = sums[filled] / counts[filled, None].to(atoms.dtype)
+    return atoms
+
+
 # ---------------------------------------------------------------------------------------------- the feature map
 @dataclasses.dataclass
 class PatchFeatureMap:

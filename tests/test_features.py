@@ -6,7 +6,7 @@ import torch
 
 from falkon_convrfm.base_kernels import BASE_KERNELS
 from falkon_convrfm.feature_rfm import PatchFeatureRFM, flip_rows
-from falkon_convrfm.features import PatchFeatureMap, RidgeStatistics, atom_kernel, inverse_sqrt, pooling_matrix
+from falkon_convrfm.features import PatchFeatureMap, RidgeStatistics, atom_kernel, inverse_sqrt, kmeans_atoms, pooling_matrix
 from falkon_convrfm.kernel import ConvMahalanobisKernel
 from falkon_convrfm.metric import metric_factor, patch_covariance, refine_metric, whitening_metric
 from falkon_convrfm.patches import PatchGeometry
@@ -225,6 +225,24 @@ def test_ridge_statistics_solve_matches_lstsq():
     assert torch.allclose(W, ref[:6], atol=1e-8) and torch.allclose(b, ref[6], atol=1e-8)
 
 
+def test_kmeans_finds_the_clusters_in_the_metric_coordinates():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    labels = torch.arange(300) % 3
+    patches = centres[labels] + 0.5 * torch.randn(300, 2, generator=g, dtype=torch.float64)
+    starts = torch.stack([patches[labels == j][0] for j in range(3)])  # one start in each cluster
+    atoms = kmeans_atoms(torch.cat([starts, patches]), torch.eye(2, dtype=torch.float64), 3, 10)
+    for j in range(3):
+        assert torch.allclose(atoms[j], patches[labels == j].mean(0), atol=0.1)
+    # a metric that ignores the second coordinate clusters by the first only; atom 3 starts where
+    # atom 0 does, loses every tie and keeps its place
+    flat = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    points = torch.tensor([[0.0, 0.0], [9.0, 1.0], [100.0, 0.0], [0.0, 0.0], [0.0, 5.0], [9.0, 3.0]], dtype=torch.float64)
+    atoms = kmeans_atoms(points, flat, 4, 5)
+    expected = [[0.0, 5 / 3], [9.0, 2.0], [100.0, 0.0], [0.0, 0.0]]
+    assert torch.allclose(atoms, torch.tensor(expected, dtype=torch.float64))
+
+
 def test_flip_rows():
     X = torch.arange(12.0).reshape(1, 12)
     flipped = flip_rows(X, (1, 3, 4)).reshape(3, 4)
@@ -256,6 +274,15 @@ def test_estimator_fits_scores_and_round_trips(tmp_path):
     assert np.array_equal(loaded.predict(X[100:]), pred)
 
 
+def test_estimator_with_a_kmeans_dictionary():
+    X, y = _images()
+    params = dict(patch_size=3, n_atoms=16, iterations=0, random_state=0, progress=False)
+    kmeans = PatchFeatureRFM(dictionary="kmeans", **params).fit(X[:100], y[:100])
+    random = PatchFeatureRFM(**params).fit(X[:100], y[:100])
+    assert kmeans.atoms_.shape == random.atoms_.shape and not torch.equal(kmeans.atoms_, random.atoms_)
+    assert kmeans.score(X[100:], y[100:]) >= 0.9
+
+
 def test_estimator_flip_doubles_training_rows():
     X, y = _images(60)
     model = PatchFeatureRFM(patch_size=3, n_atoms=16, pooling=2, iterations=0, augment="flip", random_state=0, progress=False)
@@ -278,6 +305,7 @@ def test_estimator_resumes_from_checkpoint(tmp_path):
     ("pooling", (3, 5), "stride 5 is larger than the window 3"),
     ("metric", "zca", "metric"),
     ("augment", "crop", "augment"),
+    ("dictionary", "sparse", "dictionary"),
 ])
 def test_estimator_bad_parameters_are_one_line(param, value, message):
     X, y = _images(20)
