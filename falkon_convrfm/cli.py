@@ -497,7 +497,8 @@ def refused_checkpoint(exc: CheckpointMismatch, args) -> str:
     options that differ."""
     option, folder = ("--checkpoint-dir", args.checkpoint_dir) if args.checkpoint_dir else ("--out-dir", args.out_dir)
     return exc.message(f"{option} {folder}", f"use a new {option}",
-                       lambda name: ESTIMATOR_OPTIONS[name].option if name in ESTIMATOR_OPTIONS else name)
+                       lambda name: ESTIMATOR_OPTIONS[name].option if name in ESTIMATOR_OPTIONS else name,
+                       show=lambda value: "not given" if value is None else repr(value))
 
 
 def cmd_fit(args):

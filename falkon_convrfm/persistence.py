@@ -261,11 +261,11 @@ class CheckpointMismatch(ValueError):
         self.folder, self.path, self.changed = folder, path, changed
         super().__init__(self.message(f"checkpoint_dir={folder!r}", "use another checkpoint_dir"))
 
-    def message(self, where: str, fix: str, name=str, shown: int = 3) -> str:
+    def message(self, where: str, fix: str, name=str, shown: int = 3, show=repr) -> str:
         """'{where}: {path} is the checkpoint of another fit (...); {fix}, or remove ...', each
-        parameter called ``name(parameter)``."""
+        parameter called ``name(parameter)`` and each value written ``show(value)``."""
         def short(value):
-            text = repr(value)
+            text = show(value)
             return text if len(text) <= 40 else text[:37] + "..."
 
         listed = ", ".join(f"{name(k)} {short(a)} there, {short(b)} now" for k, (a, b) in list(self.changed.items())[:shown])

@@ -300,6 +300,12 @@ def test_checkpoint_of_another_fit_is_refused_in_the_options_words(tmp_path, cap
     assert call(default + ["--checkpoint-dir", tmp_path / "a" / "checkpoint"], capsys)[0] == 0
     code, _, err = call(default + ["--penalty", "1e-3"], capsys)
     assert code == 2 and f"--out-dir {tmp_path / 'a'}: " in err and "use a new --out-dir" in err
+    # an option left out is 'not given', not Python's None
+    code, _, err = call(fit[:-2] + ["--seed", "3", "--checkpoint-dir", tmp_path / "s", "--out-dir", tmp_path / "c"],
+                        capsys)
+    assert code == 0 and (tmp_path / "s").exists()
+    code, _, err = call(fit[:-2] + ["--checkpoint-dir", tmp_path / "s", "--out-dir", tmp_path / "d"], capsys)
+    assert code == 2 and "--seed 3 there, not given now" in err and "None" not in err, err
 
 
 @pytest.mark.parametrize("command, name, what", [
