@@ -793,6 +793,8 @@ def _interrupted(args, exc: KeyboardInterrupt) -> str:
     head = f"{PROG}: interrupted" + (f" {exc}" if str(exc) else "")
     if args.command != "fit":
         return head
+    if not any(checkpoint_dir(args).glob("*_checkpoint.pt")):
+        return f"{head} before the first iteration was checkpointed: rerunning the same command starts over"
     return (f"{head}; rerun the same command (same --out-dir {args.out_dir}) to resume from the last "
             f"finished iteration, checkpointed in {checkpoint_dir(args)}")
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,8 +246,19 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli.ConvRFM, "fit", interrupted)
     code, _, err = call(FIT + ["--out-dir", tmp_path / "run"], capsys)
     assert code == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "rerun the same command" in err and "resume" in err and str(tmp_path / "run" / "checkpoint") in err
+    assert "before the first iteration was checkpointed: rerunning the same command starts over" in err
+    assert "resume" not in err  # nothing to resume from
     assert not (tmp_path / "run").exists()  # nothing was checkpointed: no empty folder stays
+
+    def interrupted_after_a_checkpoint(self, *args, **kwargs):
+        Path(self.checkpoint_dir).mkdir(parents=True)
+        (Path(self.checkpoint_dir) / "convrfm_checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ConvRFM, "fit", interrupted_after_a_checkpoint)
+    code, _, err = call(FIT + ["--out-dir", tmp_path / "run"], capsys)
+    assert code == 130 and len(err.strip().splitlines()) == 1
+    assert "rerun the same command" in err and "resume" in err and str(tmp_path / "run" / "checkpoint") in err
 
 
 def test_failed_fit_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
