@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import difflib
 import inspect
 import io
 import json
@@ -115,7 +116,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (``convrfm fit: error: ...``), exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+        text = in_user_words(_one_line(message), PARAM_OPTIONS)
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -137,7 +139,7 @@ def user_words(args) -> dict:
     """The command line's words for the names in the estimators' messages: each parameter's option
     (:data:`PARAM_OPTIONS`) and, for a command that reads data, X / y / X_val / y_val as the
     options that named the data."""
-    words = dict(PARAM_OPTIONS)
+    words = {**PARAM_OPTIONS, "image_shape": "image shape"}
     dataset = getattr(args, "dataset", None)
     if dataset is not None:
         data = f"--data {args.data}" if args.data else f"--dataset {dataset}"
@@ -409,11 +411,25 @@ def read_config(path) -> dict:
     return config
 
 
+class ConfigError(ValueError):
+    """A bad --config parameter: its message names parameters as the file does (not as options)."""
+
+
 def _known(params: dict, cls, where: str) -> dict:
-    unknown = sorted(set(params) - set(inspect.signature(cls).parameters))
-    if unknown:
-        raise ValueError(f"{where}: unknown {cls.__name__} parameter(s) {', '.join(unknown)}; "
-                         f"valid: {', '.join(inspect.signature(cls).parameters)}")
+    """``params`` if ``cls`` has each of them and each value passes its rule, else ConfigError
+    naming the file, the parameter (with the closest valid name for a misspelt one) and the value."""
+    valid = [name for name in inspect.signature(cls).parameters if name != "self"]
+    for name, value in params.items():
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
+            raise ConfigError(f"{where}: unknown {cls.__name__} parameter {name!r}; {hint}")
+        rule = getattr(cls, "_PARAMS", {}).get(name)
+        try:
+            if rule is not None:
+                rule.rule.check(name, value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: {_one_line(exc)}") from None
     return params
 
 
@@ -441,7 +457,8 @@ def build_model(args, config: dict):
     where = f"--config {args.config}"
     given, model = given_options(args), model_name(args)
     extras = dict(max_memory=None if args.max_memory_gb is None else args.max_memory_gb * 2**30,
-                  checkpoint_dir=str(checkpoint_dir(args)), progress=not args.quiet)
+                  checkpoint_dir=str(checkpoint_dir(args)), progress=not args.quiet,
+                  channels_last=False)  # the loaders give (n, c, H, W): small images are not ambiguous
     layer_options = args.depth != 1 or args.width != param_default(LayerSpec, "width")
     if model == "features":
         if layer_options:
@@ -464,7 +481,10 @@ def build_model(args, config: dict):
     if not isinstance(layers, list) or not all(isinstance(s, dict) for s in layers):
         raise ValueError(f"{where}: 'layers' must be a list of objects of LayerSpec fields")
     final = _known(config.pop("final", {}), ConvRFM, f"{where}, 'final'")
-    layers = [LayerSpec(**_known(spec, LayerSpec, f"{where}, 'layers'")) for spec in layers]
+    try:
+        layers = [LayerSpec(**_known(spec, LayerSpec, f"{where}, 'layers'")) for spec in layers]
+    except (ValueError, TypeError) as exc:
+        raise exc if isinstance(exc, ConfigError) else ConfigError(f"{where}, 'layers': {_one_line(exc)}") from None
     return DeepConvRFM(layers=layers, final={**conv, **final}, **{**shared, **config})
 
 
@@ -477,14 +497,16 @@ def refused_checkpoint(exc: CheckpointMismatch, args) -> str:
     options that differ."""
     option, folder = ("--checkpoint-dir", args.checkpoint_dir) if args.checkpoint_dir else ("--out-dir", args.out_dir)
     return exc.message(f"{option} {folder}", f"use a new {option}",
-                       lambda name: ESTIMATOR_OPTIONS[name].option if name in ESTIMATOR_OPTIONS else name)
+                       lambda name: ESTIMATOR_OPTIONS[name].option if name in ESTIMATOR_OPTIONS else name,
+                       show=lambda value: "not given" if value is None else repr(value))
 
 
 def cmd_fit(args):
     from .datasets import load_npz
     from .viz import plot_history
 
-    model = build_model(args, read_config(args.config) if args.config else {})
+    config = read_config(args.config) if args.config else {}
+    model = build_model(args, config)
     out, checkpoints = check_output_dir(args.out_dir, "--out-dir"), checkpoint_dir(args)
     check_earlier_run(out, args.overwrite)
     check_output_dir(checkpoints, "--checkpoint-dir")
@@ -507,6 +529,7 @@ def cmd_fit(args):
         except CheckpointMismatch as exc:
             raise ValueError(refused_checkpoint(exc, args)) from None
         seconds = time.perf_counter() - tic
+        model.set_params(channels_last=config.get("channels_last", "auto"))  # the saved model reads arrays as the API does
         out.mkdir(parents=True, exist_ok=True)
         model.save(out / "model.pt")
         with atomic_file(out / "history.json", "history") as f:
@@ -770,6 +793,8 @@ def _interrupted(args, exc: KeyboardInterrupt) -> str:
     head = f"{PROG}: interrupted" + (f" {exc}" if str(exc) else "")
     if args.command != "fit":
         return head
+    if not any(checkpoint_dir(args).glob("*_checkpoint.pt")):
+        return f"{head} before the first iteration was checkpointed: rerunning the same command starts over"
     return (f"{head}; rerun the same command (same --out-dir {args.out_dir}) to resume from the last "
             f"finished iteration, checkpointed in {checkpoint_dir(args)}")
 
@@ -799,7 +824,8 @@ def main(argv=None):
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {in_user_words(_one_line(exc), user_words(args))}", file=sys.stderr)
+        text = _one_line(exc) if isinstance(exc, ConfigError) else in_user_words(_one_line(exc), user_words(args))
+        print(f"{PROG}: error: {text}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

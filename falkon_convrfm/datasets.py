@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import numbers
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -309,8 +310,16 @@ def load_mnist(root, train: bool = True, fashion: bool = False, dtype=torch.floa
 
 
 # ---------------------------------------------------------------------------- npz
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of a .npy file
 def _read_npz(path: Path) -> dict:
     """The arrays of an .npz archive by name (no pickled objects: ``allow_pickle=False``)."""
+    if path.is_dir():
+        raise IsADirectoryError("a folder, not a file")
+    with open(path, "rb") as f:
+        npy = f.read(len(NPY_MAGIC)) == NPY_MAGIC
+    if not (npy or zipfile.is_zipfile(path)):
+        raise ValueError("not an .npz archive (a zip of .npy arrays, as numpy.savez writes): a truncated or damaged "
+                         "file, or another kind of file")
     data = np.load(path, allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError("a single .npy array, not an .npz archive of named arrays ('images', 'labels')")

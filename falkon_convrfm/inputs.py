@@ -58,8 +58,8 @@ def channels_last_layout(shape, channels_last="auto", image_shape=None, name: st
     if image_shape is not None:
         c, H, W = (int(s) for s in image_shape)
         first, last = images == (c, H, W), images == (H, W, c)
-        if first != last or not first:
-            return last
+        if first != last or not first or c == 1:  # both match with c == 1 only for 1-pixel grey images: one layout
+            return last and not first
     else:
         guess = guess_channels_last(shape)
         if guess is not None:

@@ -209,7 +209,12 @@ class Checked(Rule):
 
 
 def _existing_device(name, value):
-    resolve_device(value)  # CUDA asked for without CUDA: RuntimeError
+    try:
+        resolve_device(value)  # CUDA asked for without CUDA: RuntimeError
+    except RuntimeError as exc:
+        if "Invalid device" not in str(exc):  # torch's words for a name that is no device
+            raise
+        raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:1', got {value!r}") from None
     return value
 
 

@@ -27,6 +27,7 @@ import os
 import pickle
 import secrets
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -131,16 +132,38 @@ def read_file(source, map_location="cpu", what: str = "model file"):
         map_location = resolve_device(map_location)
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
-    except OSError:  # missing file, a directory, no permission: the OS message names the path
-        raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        raise  # the OS message names the path
     except pickle.UnpicklingError as exc:
+        if not _pickle_or_zip(source):  # a text file, read by torch as an old-format file
+            raise ValueError(f"{file_name(source)} is not a falkon_convrfm {what} ({_unreadable(source, exc)})") from exc
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Check the documentation")]
         detail = f" ({lines[-1]})" if lines else ""
         raise ValueError(f"{file_name(source)} is not a falkon_convrfm {what}: it is not made of tensors and plain data, "
                          f"and is refused without running it{detail}") from exc
-    except Exception as exc:  # EOFError, a zip that is not a torch file, ...
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ValueError(f"{file_name(source)} is not a falkon_convrfm {what} ({type(exc).__name__}: {first})") from exc
+    except Exception as exc:  # EOFError, OSError of a truncated zip, a zip that is not a torch file, ...
+        raise ValueError(f"{file_name(source)} is not a falkon_convrfm {what} ({_unreadable(source, exc)})") from exc
+
+
+def _pickle_or_zip(source) -> bool:
+    """Whether ``source`` (a path; other sources count as True) starts as a pickle or a zip archive."""
+    if not isinstance(source, (str, os.PathLike)):
+        return True
+    with open(source, "rb") as f:
+        return f.read(1) == b"\x80" or zipfile.is_zipfile(f)
+
+
+def _unreadable(source, exc: Exception) -> str:
+    """Why torch could not read ``source``: not a zip archive at all (a text file, a truncated or
+    damaged file), a zip of other files (an .npz), or torch's own first line."""
+    if isinstance(source, (str, os.PathLike)):
+        if not zipfile.is_zipfile(source):
+            return "not a zip archive as torch.save writes: a truncated or damaged file, or another kind of file"
+        with zipfile.ZipFile(source) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return "a zip archive of other files (an .npz of arrays?), not one torch.save writes"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -238,11 +261,11 @@ class CheckpointMismatch(ValueError):
         self.folder, self.path, self.changed = folder, path, changed
         super().__init__(self.message(f"checkpoint_dir={folder!r}", "use another checkpoint_dir"))
 
-    def message(self, where: str, fix: str, name=str, shown: int = 3) -> str:
+    def message(self, where: str, fix: str, name=str, shown: int = 3, show=repr) -> str:
         """'{where}: {path} is the checkpoint of another fit (...); {fix}, or remove ...', each
-        parameter called ``name(parameter)``."""
+        parameter called ``name(parameter)`` and each value written ``show(value)``."""
         def short(value):
-            text = repr(value)
+            text = show(value)
             return text if len(text) <= 40 else text[:37] + "..."
 
         listed = ", ".join(f"{name(k)} {short(a)} there, {short(b)} now" for k, (a, b) in list(self.changed.items())[:shown])

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,10 @@ def files(tmp_path_factory):
     (d / "layers_text.json").write_text(json.dumps({"layers": "three"}))
     (d / "bad_layers.json").write_text(json.dumps({"layers": [{"widht": 4}]}))
     (d / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (d / "typo.json").write_text(json.dumps({"iteratons": 1}))
+    (d / "centres.json").write_text(json.dumps({"n_centres": 0}))
+    np.savez(d / "pixel.npz", images=np.random.default_rng(0).random((20, 1, 1)), labels=np.arange(20) % 2)
+    (d / "folder.npz").mkdir()
     (d / "a_file").write_text("")
     for name in ("old.npy", "old.json"):  # earlier outputs
         (d / name).write_text("old")
@@ -72,6 +77,8 @@ def files(tmp_path_factory):
                   "--n-train", "100",  # its pictures and messages are tested, not its accuracy
                   "--solver", "exact", "--quiet", "--out-dir", deep]):
         main([str(a) for a in argv])
+    model = (conv / "model.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(model[: len(model) // 2])
     return {"dir": d, "conv": conv / "model.pt", "deep": deep / "model.pt"}
 
 
@@ -91,7 +98,7 @@ USER_ERRORS = [
     (["fit", "--max-memory-gb", "0"], "argument --max-memory-gb"),
     (["fit", "--dc-weight", "heavy"], "argument --dc-weight: expected a number >= 0, 'auto' or 'none', got 'heavy'"),
     (["fit", "--pool-window", "0"], "argument --pool-window"),
-    (["fit", "--pool-window", "2"], "pool_window"),
+    (["fit", "--pool-window", "2"], "--pool-window must be odd"),
     (["fit", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["fit", "--kernel", "cosine"], "argument --kernel"),
     (["fit", "--layout", "nhwc"], "argument --layout"),
@@ -111,7 +118,7 @@ USER_ERRORS = [
      "--rows 500:600 is out of range: digits test split has 540 images (rows 0:540)"),
     (["predict", "--model", "{conv}", "--rows", "600:"], "--rows 600: is out of range"),
     (["predict", "--model", "{conv}", "--rows", "0:5", "--n", "5"], "--n and --rows both choose the images"),
-    (["plan", "--n", "100", "--pool-window", "2"], "argument --pool-window: pool_window must be odd"),
+    (["plan", "--n", "100", "--pool-window", "2"], "argument --pool-window: --pool-window must be odd"),
     (["plan", "--n", "100", "--solver", "cg"], "argument --solver"),
     (["evaluate", "--model", "{conv}", "--split", "validation"], "argument --split"),
     (["plan", "--n", "0"], "argument --n: value must be an integer >= 1, got 0"),
@@ -129,10 +136,10 @@ USER_ERRORS = [
     (["fit", "--config", "{conv}"], "--config {conv}: not a JSON file"),
     (["fit", "--config", "{dir}/binary.bin"], "--config {dir}/binary.bin: not a JSON file"),
     (["fit", "--config", "{dir}/list.json"], "expected a JSON object"),
-    (["fit", "--config", "{dir}/unknown.json"], "unknown ConvRFM parameter(s) no_such_parameter"),
+    (["fit", "--config", "{dir}/unknown.json"], "unknown ConvRFM parameter 'no_such_parameter'; valid: image_shape, patch_size"),
     (["fit", "--config", "{dir}/bad_value.json"], "iterations must be an integer >= 0, got 'many'"),
     (["fit", "--model", "deep", "--config", "{dir}/layers_text.json"], "'layers' must be a list"),
-    (["fit", "--model", "deep", "--config", "{dir}/bad_layers.json"], "unknown LayerSpec parameter(s) widht"),
+    (["fit", "--model", "deep", "--config", "{dir}/bad_layers.json"], "unknown LayerSpec parameter 'widht'; did you mean 'width'?"),
     (["predict", "--model", "{dir}/missing.pt"], "--model {dir}/missing.pt: no such file"),
     (["predict", "--model", "{dir}"], "is a folder, not a file"),
     (["predict", "--model", "{dir}/config.json"], "{dir}/config.json is not a falkon_convrfm model file"),
@@ -160,7 +167,20 @@ USER_ERRORS = [
     (["fit", "--dataset", "npz", "--data", "{dir}/train.npz", "--split", "test"], "--split does not apply"),
     (["fit", "--layout", "hwc"], "--layout applies to npz files, not to --dataset digits"),
     (["fit", "--dataset", "npz", "--data", "{dir}/ambiguous.npz"], "cannot tell the channel axis"),
-    (["fit", "--dataset", "npz", "--data", "{dir}/not.npz"], "{dir}/not.npz"),
+    (["fit", "--dataset", "npz", "--data", "{dir}/not.npz"], "{dir}/not.npz: not a valid npz file (ValueError: not an "
+                                                             ".npz archive (a zip of .npy arrays, as numpy.savez writes)"),
+    (["fit", "--dataset", "npz", "--data", "{dir}/folder.npz"], "{dir}/folder.npz: not a valid npz file "
+                                                                "(IsADirectoryError: a folder, not a file)"),
+    (["predict", "--model", "{dir}/truncated.pt"], "{dir}/truncated.pt is not a falkon_convrfm model file (not a zip "
+                                                   "archive as torch.save writes: a truncated or damaged file"),
+    (["predict", "--model", "{dir}/train.npz"], "{dir}/train.npz is not a falkon_convrfm model file (a zip archive of "
+                                                "other files (an .npz of arrays?)"),
+    (["fit", "--config", "{dir}/typo.json"], "--config {dir}/typo.json: unknown ConvRFM parameter 'iteratons'; "
+                                             "did you mean 'iterations'?"),
+    (["fit", "--config", "{dir}/centres.json"], "--config {dir}/centres.json: n_centres must be an integer >= 1, got 0"),
+    (["fit", "--seed", "-1"], "argument --seed: --seed must be an integer >= 0, got -1"),
+    (["fit", "--dataset", "npz", "--data", "{dir}/pixel.npz"],
+     "--patch-size 3 is larger than the padded image (1×1 for image shape (1, 1, 1), --padding 0)"),
     (["fit", "--dataset", "npz", "--data", "{dir}/missing.npz"], "{dir}/missing.npz"),
     (["fit", "--val-data", "{dir}/missing.npz"], "--val-data {dir}/missing.npz: no such file"),
     (["fit", "--val-data", "{dir}/val.npz", "--val-fraction", "0.3"], "--val-fraction does not apply with --val-data"),
@@ -171,8 +191,8 @@ USER_ERRORS = [
     (["evaluate", "--model", "{conv}", "--dataset", "npz", "--data", "{dir}/unknown_labels.npz"],
      "labels [12] of the data are not among the model's classes"),
     # estimator parameters and data the estimator refuses before it computes
-    (["fit", "--dc-weight", "-1"], "dc_weight"),
-    (["fit", "--val-fraction", "1.5"], "validation_fraction"),
+    (["fit", "--dc-weight", "-1"], "--dc-weight must be a number"),
+    (["fit", "--val-fraction", "1.5"], "--val-fraction must be a number in [0, 1)"),
     (["fit", "--patch-size", "20"], "patch"),
     (["fit", "--val-data", "{dir}/val16.npz"],
      "--val-data {dir}/val16.npz has images of shape (1, 16, 16) but --dataset digits has images of shape (1, 8, 8)"),
@@ -194,7 +214,7 @@ USER_ERRORS = [
 if not HAS_FALKON:
     USER_ERRORS.append((["fit", "--solver", "falkon"], "falkon"))
 if not torch.cuda.is_available():
-    USER_ERRORS.append((["fit", "--device", "cuda"], "CUDA is not available"))
+    USER_ERRORS.append((["fit", "--device", "cuda"], "--device cuda was requested but CUDA is not available"))
 
 
 @pytest.mark.parametrize("argv, phrase", USER_ERRORS, ids=[" ".join(a)[:60] for a, _ in USER_ERRORS])
@@ -226,8 +246,19 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli.ConvRFM, "fit", interrupted)
     code, _, err = call(FIT + ["--out-dir", tmp_path / "run"], capsys)
     assert code == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "rerun the same command" in err and "resume" in err and str(tmp_path / "run" / "checkpoint") in err
+    assert "before the first iteration was checkpointed: rerunning the same command starts over" in err
+    assert "resume" not in err  # nothing to resume from
     assert not (tmp_path / "run").exists()  # nothing was checkpointed: no empty folder stays
+
+    def interrupted_after_a_checkpoint(self, *args, **kwargs):
+        Path(self.checkpoint_dir).mkdir(parents=True)
+        (Path(self.checkpoint_dir) / "convrfm_checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ConvRFM, "fit", interrupted_after_a_checkpoint)
+    code, _, err = call(FIT + ["--out-dir", tmp_path / "run"], capsys)
+    assert code == 130 and len(err.strip().splitlines()) == 1
+    assert "rerun the same command" in err and "resume" in err and str(tmp_path / "run" / "checkpoint") in err
 
 
 def test_failed_fit_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
@@ -281,6 +312,12 @@ def test_checkpoint_of_another_fit_is_refused_in_the_options_words(tmp_path, cap
     assert call(default + ["--checkpoint-dir", tmp_path / "a" / "checkpoint"], capsys)[0] == 0
     code, _, err = call(default + ["--penalty", "1e-3"], capsys)
     assert code == 2 and f"--out-dir {tmp_path / 'a'}: " in err and "use a new --out-dir" in err
+    # an option left out is 'not given', not Python's None
+    code, _, err = call(fit[:-2] + ["--seed", "3", "--checkpoint-dir", tmp_path / "s", "--out-dir", tmp_path / "c"],
+                        capsys)
+    assert code == 0 and (tmp_path / "s").exists()
+    code, _, err = call(fit[:-2] + ["--checkpoint-dir", tmp_path / "s", "--out-dir", tmp_path / "d"], capsys)
+    assert code == 2 and "--seed 3 there, not given now" in err and "None" not in err, err
 
 
 @pytest.mark.parametrize("command, name, what", [
@@ -532,3 +569,18 @@ def test_fit_warns_in_option_words_and_prints_the_seed_that_repeats_it(tmp_path,
     assert code == 0 and [r["val_accuracy"] for r in history[0]] == [r["val_accuracy"] for r in history[1]]
     result = [text.splitlines()[0].split(";", 1)[1] for text in (out, again)]
     assert result[0] == result[1]  # the same validation and kept iteration
+
+
+def test_small_grey_images_of_a_file_are_read_as_the_file_gives_them(tmp_path, capsys):
+    """(n, 4, 4) grey images load as (n, 1, 4, 4), whose layout alone is ambiguous: fit reads them
+    as the loader gives them, and the saved model still reads arrays as the API does."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "grey4.npz", images=rng.random((40, 4, 4)), labels=np.arange(40) % 2)
+    data = ["--dataset", "npz", "--data", tmp_path / "grey4.npz"]
+    code, out, err = call(["fit", *data, "--patch-size", "2", "--iterations", "0", "--solver", "exact", "--quiet",
+                           "--out-dir", tmp_path / "run"], capsys)
+    assert code == 0, err
+    model = load_model(tmp_path / "run" / "model.pt")
+    assert model.image_shape_ == (1, 4, 4) and model.channels_last == "auto"
+    code, out, err = call(["evaluate", "--model", tmp_path / "run" / "model.pt", *data, "--quiet"], capsys)
+    assert code == 0 and "40 images, accuracy" in out, err

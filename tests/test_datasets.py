@@ -417,6 +417,12 @@ def test_npz_foreign_files_refused(tmp_path):
     torch.save({"state": torch.zeros(3)}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="model.pt: not a valid npz file .*torch.save file"):
         load_npz(tmp_path / "model.pt")
+    (tmp_path / "text.npz").write_text("hello, not an archive\n")  # numpy alone reads it as pickled data
+    with pytest.raises(ValueError, match=r"text.npz: not a valid npz file .*not an \.npz archive .*truncated or damaged"):
+        load_npz(tmp_path / "text.npz")
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(ValueError, match="folder.npz: not a valid npz file .*a folder, not a file"):
+        load_npz(tmp_path / "folder.npz")
     np.savez(tmp_path / "ok.npz", images=np.zeros((2, 3, 5, 5)), labels=[0, 1])
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
         load_npz(tmp_path / "ok.npz", dtype=torch.int64)

@@ -205,6 +205,12 @@ def test_channel_layout_detection(shape, expected):
     assert channels_last_layout(shape) is expected
 
 
+def test_one_pixel_grey_images_have_one_layout():
+    assert channels_last_layout((5, 1, 1, 1), image_shape=(1, 1, 1)) is False  # both layouts: the same rows
+    with pytest.raises(ValueError, match="channels_last=False"):
+        channels_last_layout((5, 3, 3, 3), image_shape=(3, 3, 3))  # both match, and they differ
+
+
 @pytest.mark.parametrize("shape", [(5, 3, 32, 3), (5, 64, 4, 4), (5, 4, 4, 4), (5, 8, 4, 3)])
 def test_ambiguous_layout_asks_for_channels_last(shape):
     with pytest.raises(ValueError, match="channels_last=False") as info:

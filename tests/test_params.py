@@ -96,3 +96,10 @@ def test_option_errors():
         convert("x")
     with pytest.raises(argparse.ArgumentTypeError, match=r"dc_weight must be a number in \[0, inf\]"):
         convert("-1")
+
+
+def test_a_name_that_is_no_device_is_named_as_such():
+    device = ConvRFM._PARAMS["device"].rule
+    with pytest.raises(ValueError, match="device must be a device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu0'"):
+        device.check("device", "gpu0")
+    assert device.check("device", "cpu") == "cpu"

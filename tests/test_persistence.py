@@ -55,6 +55,23 @@ def test_unknown_class_is_refused(tmp_path):
         load_model(tmp_path / "m.pt")
 
 
+def test_a_damaged_or_foreign_file_is_named_as_such(tmp_path):
+    from falkon_convrfm import load_model
+
+    ConvRFM(iterations=0, solver="exact", n_centres=20, validation_fraction=0, progress=False).fit(
+        np.random.default_rng(0).random((20, 1, 6, 6)), np.arange(20) % 2).save(tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])  # torch: OSError [Errno 22] Invalid argument
+    (tmp_path / "text.pt").write_text("not a model\n")  # torch: IndexError: pop from empty list
+    np.savez(tmp_path / "arrays.npz", images=np.zeros((2, 4, 4)))
+    for name, reason in (("truncated.pt", "not a zip archive as torch.save writes: a truncated or damaged file"),
+                         ("text.pt", "not a zip archive as torch.save writes"),
+                         ("arrays.npz", r"a zip archive of other files \(an \.npz of arrays\?\)")):
+        with pytest.raises(ValueError, match=rf"{name} is not a falkon_convrfm model file \({reason}"):
+            load_model(tmp_path / name)
+    assert load_model(tmp_path / "m.pt").image_shape_ == (1, 6, 6)
+
+
 # ---------------------------------------------------------------------------- writes and folders
 DISK_FULL = OSError(errno.ENOSPC, "No space left on device")
 
