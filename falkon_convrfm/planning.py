@@ -13,6 +13,7 @@ from .kernel import kernel_memory
 from .memory import memory_budget
 from .solvers import DEFAULT_BLOCK_MEMORY
 from .patches import PatchGeometry
+from .validation import warn
 
 BYTES = {"float32": 4, "float64": 8}
 
@@ -42,6 +43,8 @@ def plan_memory(n: int, image_shape, patch_size: int = 3, stride: int = 1, paddi
     s = BYTES[dtype]
     geo = PatchGeometry(tuple(image_shape), patch_size, stride, padding)
     r = geo.patch_dim if rank is None else rank
+    if solver != "exact" and centres > n:
+        warn(f"n_centres={centres} is more than the {n} training rows: all {n} are centres")
     centres = n if solver == "exact" else min(centres, n)
 
     def solver_phases(m: int) -> dict:
