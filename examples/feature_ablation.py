@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from falkon_convrfm.base_kernels import BASE_KERNELS
-from falkon_convrfm.features import PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix
+from falkon_convrfm.features import ENCODINGS, PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix
 from falkon_convrfm.metric import fixed_metric, metric_factor, patch_covariance, refine_metric, whitening_metric
 from falkon_convrfm.patches import PatchGeometry
 
@@ -76,6 +76,8 @@ def main(argv=None):
                    help="normalise each patch's brightness and contrast, (x − μ) / sqrt(var + EPS)")
     p.add_argument("--kmeans", type=int, default=0, metavar="T",
                    help="atoms by T iterations of k-means on the sampled patches (default: random patches)")
+    p.add_argument("--encoding", default="nystrom", choices=ENCODINGS, help="patch codes: Nyström κ or Coates & Ng's triangle")
+    p.add_argument("--standardise", action="store_true", help="scale every feature to unit variance before ridge")
     p.add_argument("--penalties", default="1e-4,1e-3,1e-2,1e-1")
     args = p.parse_args(argv)
 
@@ -107,11 +109,14 @@ def main(argv=None):
         tic = time.perf_counter()
         L = metric_factor(M).float()
         sigma = median_atom_distance(patches[:4000] @ L, atoms @ L) * args.sigma_scale
-        fmap = PatchFeatureMap(geometry, L, atoms, BASE_KERNELS[args.kernel], sigma, pool)
+        fmap = PatchFeatureMap(geometry, L, atoms, BASE_KERNELS[args.kernel], sigma, pool, encoding=args.encoding)
         if args.no_projector:
             fmap.projector = torch.eye(args.atoms)
         F, Fv = fmap.transform(rows), fmap.transform(val_rows)
         encode = time.perf_counter() - tic
+        if args.standardise:
+            scale = F.std(0).clamp_min(1e-6 * F.std(0).max())
+            F, Fv = F / scale, Fv / scale
         stats = RidgeStatistics.of(F, Y)
         fits = []
         for penalty in (float(v) for v in args.penalties.split(",")):

@@ -35,7 +35,7 @@ from .estimator import SHARED_PARAMS as SHARED_TABLE
 from .feature_rfm import PATCH_FEATURE_PARAMS, PatchFeatureRFM
 from .params import Integer, OneOf, Positive, option_type, param_default
 from .persistence import CheckpointMismatch, atomic_file, check_folder
-from .presets import PRESETS, preset_params
+from .presets import PRESETS, preset_models, preset_params
 from .rfm import CONVRFM_PARAMS, ConvRFM
 
 PROG = "convrfm"
@@ -444,10 +444,10 @@ def _applicable(given: dict, cls, model: str) -> dict:
 
 
 def model_name(args) -> str:
-    """--model, by default 'features' with --preset (presets are PatchFeatureRFM settings), else 'conv'."""
-    model = args.model or ("features" if args.preset else "conv")
-    if args.preset and model != "features":
-        raise ValueError(f"--preset {args.preset} names PatchFeatureRFM settings: use it with --model features")
+    """--model, by default the preset's first model with --preset, else 'conv'."""
+    model = args.model or (preset_models(args.preset)[0] if args.preset else "conv")
+    if args.preset:
+        preset_params(args.preset, model=model)  # refuses a model the preset has no settings for
     return model
 
 
@@ -463,7 +463,7 @@ def build_model(args, config: dict):
     if model == "features":
         if layer_options:
             raise ValueError("--depth and --width describe the layers of --model deep")
-        base = preset_params(args.preset, given.get("device", "cpu")) if args.preset else {}
+        base = preset_params(args.preset, given.get("device", "cpu"), model) if args.preset else {}
         given = _applicable(given, PatchFeatureRFM, model)
         return PatchFeatureRFM(**{**base, **given, **extras, **_known(config, PatchFeatureRFM, where)})
     given = _applicable(given, ConvRFM, model)

@@ -1,6 +1,6 @@
 r"""PatchFeatureRFM: the recursive feature machine on explicit pooled patch features.
 
-One iteration: encode every image as pooled Nyström patch features Φ_M
+One iteration: encode every image as pooled patch codes Φ_M, triangle codes or Nyström features
 (:class:`~falkon_convrfm.features.PatchFeatureMap`, metric M = L Lᵀ), fit a linear ridge head
 on them (the penalty chosen on the validation split), take the patch AGOP G̃ of the fitted
 predictor in the metric's coordinates and refine the metric, M ← L·[(1 − s)·G̃^p/… + s·I]·Lᵀ
@@ -16,7 +16,7 @@ import torch
 
 from .base_kernels import BASE_KERNELS
 from .estimator import COMMON_PARAMS, RFMEstimator, median_bandwidth, warn_few_locations, warn_tied_iterates
-from .features import PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix
+from .features import ENCODINGS, PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix
 from .memory import memory_budget
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
 from .params import FACTORS, IMAGE_SHAPE, POOLING, Bandwidth, Integer, Interval, OneOf, Param, Positive, table
@@ -56,8 +56,10 @@ PATCH_FEATURE_PARAMS = table(
     Param("dictionary", OneOf(DICTIONARIES), "atoms: random training patches, or k-means centroids of them in the "
                                              "starting metric", "--dictionary"),
     Param("pooling", POOLING, "pooled regions: g (a g×g grid) or window,stride", "--pooling", "G"),
-    Param("kernel", OneOf(BASE_KERNELS), "base patch kernel"),
-    Param("sigma", Bandwidth(), "bandwidth, or 'median'"),
+    Param("encoding", OneOf(ENCODINGS), "patch codes: nystrom (the kernel's Nyström features) or triangle "
+                                         "(Coates & Ng, no kernel)", "--encoding"),
+    Param("kernel", OneOf(BASE_KERNELS), "base patch kernel (nystrom)"),
+    Param("sigma", Bandwidth(), "bandwidth, or 'median' (nystrom)"),
     Param("metric", OneOf(METRICS), "starting patch metric", "--metric"),
     Param("whiten_eps", Interval(0), "ε of the whitening metric, relative to the mean eigenvalue", "--whiten-eps", "EPS"),
     Param("iterations", Integer(0), "metric updates"),
@@ -87,11 +89,15 @@ class PatchFeatureRFM(RFMEstimator):
         200 000 training patches in the starting metric's coordinates (Coates & Ng).
     pooling : int or (int, int), default 3
         g×g grid of average-pooled regions (2 = quadrants), or (window, stride) average pooling.
+    encoding : {'triangle', 'nystrom'}, default 'triangle'
+        Patch codes: ``"nystrom"``, the Nyström features κ(Lᵀx_p, LᵀA) K_AA^{-1/2} of the base
+        kernel (with a complete dictionary, the implicit pooled kernel), or ``"triangle"``,
+        max(0, z̄ − z_j) of the distances z_j = ‖Lᵀ(x_p − a_j)‖ (Coates & Ng; no kernel, no bandwidth).
     kernel : str, default "laplace"
-        Base patch kernel κ (``"laplace"``, ``"gaussian"``, ``"ntk"``).
+        Base patch kernel κ (``"laplace"``, ``"gaussian"``, ``"ntk"``) of the Nyström encoding.
     sigma : float or "median", default "median"
-        Bandwidth; ``"median"``: the median patch-to-atom distance in the current metric,
-        re-measured at every iteration.
+        Bandwidth of the Nyström encoding; ``"median"``: the median patch-to-atom distance in the
+        current metric, re-measured at every iteration.
     metric : str, default "whiten"
         Starting metric: ``"whiten"`` (M₀ = (Σ + ε·λ̄·I)⁻¹, Σ the training patches' covariance,
         λ̄ its mean eigenvalue), ``"identity"`` or ``"dc"`` (the DC-0.2 fixed metric).
@@ -130,6 +136,7 @@ class PatchFeatureRFM(RFMEstimator):
         n_atoms=1024,
         dictionary="random",
         pooling=3,
+        encoding="triangle",
         kernel="laplace",
         sigma="median",
         metric="whiten",
@@ -159,6 +166,7 @@ class PatchFeatureRFM(RFMEstimator):
         self.n_atoms = n_atoms
         self.dictionary = dictionary
         self.pooling = pooling
+        self.encoding = encoding
         self.kernel = kernel
         self.sigma = sigma
         self.metric = metric
@@ -190,9 +198,15 @@ class PatchFeatureRFM(RFMEstimator):
     def preset(cls, name: str, device: str = "cpu", **overrides) -> "PatchFeatureRFM":
         """The estimator with preset ``name``'s parameters for ``device``
         (:data:`~falkon_convrfm.presets.PRESETS`), ``overrides`` replacing any of them."""
-        return cls(**{**preset_params(name, device), **overrides})
+        return cls(**{**preset_params(name, device, "features"), **overrides})
 
     # ------------------------------------------------------------------ building blocks
+    def _check_params(self):
+        super()._check_params()
+        if self.encoding == "triangle" and (self.kernel != "laplace" or self.sigma != "median"):
+            raise ValueError(f"kernel={self.kernel!r}, sigma={self.sigma!r} set the Nyström encoding; "
+                             "encoding='triangle' has no kernel or bandwidth: drop them or use encoding='nystrom'")
+
     def _geometry(self, image_shape) -> PatchGeometry:
         return PatchGeometry(image_shape, self.patch_size, self.stride, self.padding)
 
@@ -212,9 +226,11 @@ class PatchFeatureRFM(RFMEstimator):
         dtype = atoms.dtype
         pool = pooling_matrix(geometry.out_shape, self.pooling).to(atoms.device, dtype)
         return PatchFeatureMap(geometry, metric_factor(M).to(atoms.device, dtype), atoms, BASE_KERNELS[self.kernel],
-                               sigma, pool)
+                               sigma, pool, encoding=self.encoding)
 
-    def _bandwidth(self, M, atoms, patches) -> float:
+    def _bandwidth(self, M, atoms, patches) -> float | None:
+        if self.encoding == "triangle":
+            return None
         if self.sigma != "median":
             return float(self.sigma)
         L = metric_factor(M).to(atoms.device, atoms.dtype)

@@ -18,6 +18,11 @@ The predictor f(x) = Σ_r Φ_r(x) W_r + b is linear in the features, so its patc
 
 and the patch AGOP in the metric's coordinates, G̃ = (1/n) Σ_{i,p,o} g̃ g̃ᵀ with ∇ = L g̃, is what
 :func:`falkon_convrfm.metric.refine_metric` turns into the next metric (G = L G̃ Lᵀ in pixel space).
+
+``encoding="triangle"`` replaces ψ by Coates & Ng's (2011) triangle code of the same distances,
+ψ_j(u) = max(0, z̄ − z_j) with z_j = ‖u − Lᵀa_j‖ and z̄ = (1/k) Σ_l z_l: a sparse, competitive
+code (about half the atoms inactive per patch), no bandwidth and no projector; pooled and solved
+the same way. It is not a kernel's feature map, so it has no implicit counterpart.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from .patches import PatchGeometry
 from .progress import phase, steps
 
 
+ENCODINGS = ("nystrom", "triangle")
 # Encoding chunks above this size run slower on CPU (allocation and cache misses), docs/performance.md.
 CHUNK_BYTES = 2**25
 
@@ -98,9 +104,43 @@ def median_atom_distance(U: torch.Tensor, A: torch.Tensor) -> float:
     return torch.cdist(U.double(), A.double()).median().item()
 
 
+def triangle_code(U: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """ψ_j(u) = max(0, z̄ − z_j), z_j = ‖u − a_j‖, z̄ = mean_l z_l, for U (b, N, r), A (k, r): (b, N, k)."""
+    z = distances(U, A)
+    return (z.mean(-1, keepdim=True) - z).clamp_min_(0)
+
+
+def distances(U: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """‖u − a_j‖ for U (b, N, r), A (k, r), by one GEMM: (b, N, k)."""
+    sq = torch.matmul(U, -2 * A.T).add_(U.pow(2).sum(-1, keepdim=True)).add_(A.pow(2).sum(-1))
+    return sq.clamp_min_(0).sqrt_()
+
+
+def triangle_gradient(U: torch.Tensor, A: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    r"""∇_u Σ_j β_jo ψ_j(u) of the triangle code, for U (b, N, r), atoms A (k, r), β (b, k, C): (b, N, C, r).
+
+    With a_j = 1[ψ_j > 0], q_j = 1/z_j and s_o = Σ_j a_j β_jo,
+
+    .. math::  ∇ = \frac{s_o}{k} Σ_l q_l (u − a_l) − Σ_j a_j β_{jo} q_j (u − a_j)
+
+    (the subgradient 0 where z_j = 0)."""
+    z = distances(U, A)
+    active = (z < z.mean(-1, keepdim=True)).to(U.dtype)
+    q = torch.where(z > 0, 1 / z.clamp_min(torch.finfo(z.dtype).tiny), torch.zeros_like(z))
+    k, r = A.shape
+    C = beta.shape[-1]
+    s = torch.bmm(active, beta) / k  # (b, N, C)
+    aq = active * q
+    mean_dir = U * q.sum(-1, keepdim=True) - q @ A  # Σ_l q_l (u − a_l), (b, N, r)
+    weighted = (beta.unsqueeze(-1) * A.unsqueeze(1)).reshape(beta.shape[0], k, C * r)
+    own = torch.bmm(aq, weighted).view(U.shape[0], U.shape[1], C, r)  # Σ_j a_j q_j β_jo a_j
+    own = torch.bmm(aq, beta).unsqueeze(-1) * U.unsqueeze(2) - own  # Σ_j a_j q_j β_jo (u − a_j)
+    return s.unsqueeze(-1) * mean_dir.unsqueeze(2) - own
+
+
 # ---------------------------------------------------------------------------------------------- dictionary
 def kmeans_atoms(patches: torch.Tensor, factor: torch.Tensor, k: int, iterations: int) -> torch.Tensor:
-    """k atoms (k, d) by Lloyd's k-means of ``patches`` (N, d) in the metric's coordinates Lᵀx
+    r"""k atoms (k, d) by Lloyd's k-means of ``patches`` (N, d) in the metric's coordinates Lᵀx
     (Coates & Ng 2011), started from the first k patches (pass them shuffled):
 
     .. math::  c(i) = \arg\min_j ‖Lᵀ(x_i − a_j)‖, \qquad a_j ← \operatorname{mean}\{x_i : c(i) = j\}
@@ -123,7 +163,8 @@ def kmeans_atoms(patches: torch.Tensor, factor: torch.Tensor, k: int, iterations
 class PatchFeatureMap:
     """Φ: images (rows of c·H·W) → pooled Nyström patch features (R·k), for one metric factor L.
 
-    ``atoms`` (k, d) are patches in pixel space; ``factor`` L (d, r); ``pool`` Π (R, P)."""
+    ``atoms`` (k, d) are patches in pixel space; ``factor`` L (d, r); ``pool`` Π (R, P);
+    ``encoding`` one of :data:`ENCODINGS` (``base`` and ``sigma`` serve ``"nystrom"`` only)."""
 
     geometry: PatchGeometry
     factor: torch.Tensor
@@ -132,11 +173,16 @@ class PatchFeatureMap:
     sigma: float
     pool: torch.Tensor
     rcond: float = 1e-6
+    encoding: str = "nystrom"
 
     def __post_init__(self):
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
         self.atoms_t = self.atoms @ self.factor  # LᵀA, (k, r)
-        K = atom_kernel(self.atoms_t.unsqueeze(0), self.atoms_t, self.base, self.sigma)[0]
-        self.projector = inverse_sqrt(K, self.rcond)  # K_AA^{-1/2}
+        self.projector = None
+        if self.encoding == "nystrom":
+            K = atom_kernel(self.atoms_t.unsqueeze(0), self.atoms_t, self.base, self.sigma)[0]
+            self.projector = inverse_sqrt(K, self.rcond)  # K_AA^{-1/2}
 
     @property
     def num_features(self) -> int:
@@ -149,11 +195,17 @@ class PatchFeatureMap:
         per_row = 3 * (P * (k + self.factor.shape[1] + 2) + self.num_features) * self.atoms.element_size()
         return int(max(1, min(max_mem, CHUNK_BYTES) // per_row))
 
-    def pooled_kernel(self, rows: torch.Tensor) -> torch.Tensor:
-        """Σ_p Π_rp κ(Lᵀx_p, LᵀA): (n, R, k)."""
+    def codes(self, U: torch.Tensor) -> torch.Tensor:
+        """Per-patch codes of transformed patches U (b, N, r): κ(u, LᵀA) or the triangle code, (b, N, k)."""
+        if self.encoding == "triangle":
+            return triangle_code(U, self.atoms_t)
+        return atom_kernel(U, self.atoms_t, self.base, self.sigma)
+
+    def pooled_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        """Σ_p Π_rp code(Lᵀx_p): (n, R, k)."""
         U = self.geometry.transformed_patches(rows, self.factor).transpose(0, 1)  # (n, P, r)
-        Kx = atom_kernel(U, self.atoms_t, self.base, self.sigma)  # (n, P, k)
-        return torch.matmul(self.pool.to(Kx.dtype), Kx)
+        codes = self.codes(U)  # (n, P, k)
+        return torch.matmul(self.pool.to(codes.dtype), codes)
 
     def transform(self, rows: torch.Tensor, max_mem: float = 2**30) -> torch.Tensor:
         """Φ(rows): (n, R·k), computed in row chunks within ``max_mem`` bytes."""
@@ -161,19 +213,24 @@ class PatchFeatureMap:
         out = rows.new_empty(rows.shape[0], self.num_features)
         with phase("patch features", rows.shape[0], "img") as bar:
             for i in range(0, rows.shape[0], step):
-                pooled = self.pooled_kernel(rows[i : i + step])
-                out[i : i + step] = torch.matmul(pooled, self.projector).reshape(pooled.shape[0], -1)
+                pooled = self.pooled_codes(rows[i : i + step])
+                if self.projector is not None:
+                    pooled = torch.matmul(pooled, self.projector)
+                out[i : i + step] = pooled.reshape(pooled.shape[0], -1)
                 bar.update(pooled.shape[0])
         return out
 
     def location_coefficients(self, weights: torch.Tensor) -> torch.Tensor:
-        """β (P, k, C) = Σ_r Π_rp K_AA^{-1/2} W_r, for linear weights W (R·k, C) on Φ."""
+        """β (P, k, C) = Σ_r Π_rp K_AA^{-1/2} W_r (no K_AA^{-1/2} for the triangle code), for linear
+        weights W (R·k, C) on Φ."""
         R, k = self.pool.shape[0], self.atoms.shape[0]
-        W = torch.matmul(self.projector, weights.reshape(R, k, -1).to(self.projector.dtype))  # (R, k, C)
+        W = weights.reshape(R, k, -1)
+        if self.projector is not None:
+            W = torch.matmul(self.projector, W.to(self.projector.dtype))  # (R, k, C)
         return torch.einsum("rp,rkc->pkc", self.pool.to(W.dtype), W)
 
     def transformed_agop(self, rows: torch.Tensor, weights: torch.Tensor, max_mem: float = 2**30) -> torch.Tensor:
-        """G̃ (r, r) float64: (1/n) Σ_{i,p,o} g̃ g̃ᵀ with g̃ = Σ_j β_pjo ∇_u κ(u, Lᵀa_j) at u = Lᵀx_{i,p}
+        """G̃ (r, r) float64: (1/n) Σ_{i,p,o} g̃ g̃ᵀ with g̃ = Σ_j β_pjo ∇_u ψ_j(u) at u = Lᵀx_{i,p}
         (the patch AGOP of Φ(x)·W in the metric's coordinates; pixel-space AGOP = L G̃ Lᵀ)."""
         beta = self.location_coefficients(weights).to(rows.dtype)  # (P, k, C)
         P, k, C = beta.shape
@@ -185,17 +242,21 @@ class PatchFeatureMap:
         with phase("patch AGOP", P, "loc") as bar:
             for p0 in range(0, P, locs):
                 Up = U[p0 : p0 + locs].contiguous()
-                Ap = self.atoms_t.unsqueeze(0).expand(Up.shape[0], -1, -1)
-                Ut, At, Q, S = self.base.gradient_weights(Up, Ap, self.sigma)
                 b = beta[p0 : p0 + locs]
-                weighted = (b.unsqueeze(-1) * At.unsqueeze(2)).reshape(b.shape[0], k, C * r)
-                g = torch.bmm(Q, weighted).view(b.shape[0], -1, C, r)
-                coef = torch.bmm(S if S is not None else -Q, b)  # (p, n, C)
-                g.add_(coef.unsqueeze(3) * Ut.unsqueeze(2))
-                g = g.reshape(-1, r)
+                g = (triangle_gradient(Up, self.atoms_t, b) if self.encoding == "triangle"
+                     else self._kernel_gradient(Up, b)).reshape(-1, r)
                 G += (g.T @ g).double()
                 bar.update(Up.shape[0])
         return G / rows.shape[0]
+
+    def _kernel_gradient(self, U: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """∇_u Σ_j β_jo κ(u, Lᵀa_j) for U (b, N, r), β (b, k, C): (b, N, C, r)."""
+        k, C, r = beta.shape[1], beta.shape[2], U.shape[-1]
+        Ut, At, Q, S = self.base.gradient_weights(U, self.atoms_t.unsqueeze(0).expand(U.shape[0], -1, -1), self.sigma)
+        weighted = (beta.unsqueeze(-1) * At.unsqueeze(2)).reshape(beta.shape[0], k, C * r)
+        g = torch.bmm(Q, weighted).view(beta.shape[0], -1, C, r)
+        coef = torch.bmm(S if S is not None else -Q, beta)  # (b, N, C)
+        return g.add_(coef.unsqueeze(3) * Ut.unsqueeze(2))
 
 
 # ---------------------------------------------------------------------------------------------- linear head
@@ -226,6 +287,9 @@ class RidgeStatistics:
         feature variance times n, so one grid serves every feature scale."""
         D = self.gram.shape[0]
         ridge = penalty * torch.trace(self.gram) / D
+        if ridge <= 0:
+            raise ValueError("every feature takes one value on all training images (e.g. constant images): "
+                             "the head has nothing to fit")
         A = self.gram + ridge * torch.eye(D, dtype=self.gram.dtype, device=self.gram.device)
         W = torch.linalg.solve(A, self.cross)
         return W, self.target_mean - self.mean @ W

@@ -6,7 +6,8 @@ import torch
 
 from falkon_convrfm.base_kernels import BASE_KERNELS
 from falkon_convrfm.feature_rfm import PatchFeatureRFM, flip_rows
-from falkon_convrfm.features import PatchFeatureMap, RidgeStatistics, atom_kernel, inverse_sqrt, kmeans_atoms, pooling_matrix
+from falkon_convrfm.features import (PatchFeatureMap, RidgeStatistics, atom_kernel, inverse_sqrt, kmeans_atoms,
+                                     pooling_matrix, triangle_code)
 from falkon_convrfm.kernel import ConvMahalanobisKernel
 from falkon_convrfm.metric import metric_factor, patch_covariance, refine_metric, whitening_metric
 from falkon_convrfm.patches import PatchGeometry
@@ -200,6 +201,62 @@ def test_feature_agop_matches_autograd(kernel, pooling):
     assert torch.allclose(G_t, G_ref, atol=1e-10 * G_ref.abs().max(), rtol=0)
 
 
+def _naive_triangle(U, A):
+    """max(0, mean_l z_l − z_j) by loops over patches and atoms."""
+    out = torch.zeros(*U.shape[:-1], A.shape[0], dtype=torch.float64)
+    for idx in np.ndindex(*U.shape[:-1]):
+        z = torch.stack([torch.linalg.norm(U[idx] - a) for a in A])
+        out[idx] = (z.mean() - z).clamp_min(0)
+    return out
+
+
+def test_triangle_code_matches_loops():
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    A = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    codes = triangle_code(U, A)
+    assert torch.allclose(codes, _naive_triangle(U, A), atol=1e-12)
+    assert (codes == 0).any() and (codes > 0).any()
+
+
+@pytest.mark.parametrize("pooling", [2, (2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triangle_features_and_agop_match_autograd(pooling, dtype):
+    """Pooled triangle codes vs the loop reference; their patch AGOP vs autograd through the codes."""
+    geometry = PatchGeometry(SHAPE, 3)
+    X = _data(4)
+    M = _metric(geometry.patch_dim)
+    g = torch.Generator().manual_seed(7)
+    atoms = torch.randn(10, geometry.patch_dim, generator=g, dtype=torch.float64)
+    pool = pooling_matrix(geometry.out_shape, pooling)
+    fmap = PatchFeatureMap(geometry, metric_factor(M), atoms, None, None, pool, encoding="triangle")
+    U = geometry.transformed_patches(X, fmap.factor).transpose(0, 1).contiguous()  # (n, P, r)
+    expected = torch.matmul(pool, _naive_triangle(U, fmap.atoms_t)).reshape(X.shape[0], -1)
+    low = PatchFeatureMap(geometry, metric_factor(M).to(dtype), atoms.to(dtype), None, None, pool.to(dtype),
+                          encoding="triangle")
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(low.transform(X.to(dtype)).double(), expected, atol=tol * expected.abs().max(), rtol=0)
+    W = torch.randn(fmap.num_features, 3, generator=g, dtype=torch.float64)
+    G_t = fmap.transformed_agop(X, W)
+    U.requires_grad_(True)
+    out = (torch.matmul(pool, triangle_code(U, fmap.atoms_t)).reshape(X.shape[0], -1)) @ W
+    G_ref = torch.zeros_like(G_t)
+    for o in range(out.shape[1]):
+        grad, = torch.autograd.grad(out[:, o].sum(), U, retain_graph=True)
+        flat = grad.reshape(-1, grad.shape[-1])
+        G_ref += flat.T @ flat
+    G_ref /= X.shape[0]
+    assert torch.allclose(G_t, G_ref, atol=1e-10 * G_ref.abs().max(), rtol=0)
+
+
+def test_unknown_encoding_is_refused():
+    geometry = PatchGeometry(SHAPE, 3)
+    atoms = torch.randn(4, geometry.patch_dim, dtype=torch.float64)
+    with pytest.raises(ValueError, match="encoding 'sparse' is not one of nystrom, triangle"):
+        PatchFeatureMap(geometry, torch.eye(geometry.patch_dim, dtype=torch.float64), atoms, None, None,
+                        pooling_matrix(geometry.out_shape, 1), encoding="sparse")
+
+
 def test_atom_kernel_matches_direct_formula():
     g = torch.Generator().manual_seed(2)
     U = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
@@ -314,6 +371,15 @@ def test_estimator_bad_parameters_are_one_line(param, value, message):
     assert "\n" not in str(info.value)
 
 
+def test_triangle_encoding_has_no_kernel_or_bandwidth():
+    with pytest.raises(ValueError, match="encoding='triangle' has no kernel or bandwidth"):
+        PatchFeatureRFM(sigma=2.0).fit(*_images(20))
+    X, y = _images(60)
+    model = PatchFeatureRFM(patch_size=3, n_atoms=8, iterations=1, random_state=0, progress=False).fit(X, y)
+    assert model.sigma_ is None and model.feature_map_.projector is None
+    assert model.predict(X).shape == (60,)
+
+
 def test_preset_parameters_and_overrides():
     model = PatchFeatureRFM.preset("cifar10", iterations=0)
     assert model.iterations == 0 and model.metric == "whiten" and model.device == "cpu"
@@ -329,6 +395,10 @@ def test_estimator_warns_about_few_locations_and_names_constant_images():
                         progress=False).fit(X, y)
     with pytest.warns(UserWarning, match="constant images"), \
             pytest.raises(ValueError, match="median patch-to-atom distance of the training images is 0"):
+        PatchFeatureRFM(patch_size=3, n_atoms=8, metric="identity", encoding="nystrom", iterations=0,
+                        progress=False).fit(0 * X, y)
+    with pytest.warns(UserWarning, match="constant images"), \
+            pytest.raises(ValueError, match="every feature takes one value on all training images"):
         PatchFeatureRFM(patch_size=3, n_atoms=8, metric="identity", iterations=0, progress=False).fit(0 * X, y)
     with pytest.warns(UserWarning, match="constant images"), pytest.raises(ValueError, match="nothing to whiten"):
         PatchFeatureRFM(patch_size=3, n_atoms=8, iterations=0, progress=False).fit(0 * X, y)
