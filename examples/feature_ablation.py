@@ -48,6 +48,29 @@ class NormalisedPatches(PatchGeometry):
         return (U - box * (ones @ factor)) / (var + self.eps).sqrt()
 
 
+def squared_hinge_head(F, labels, penalty, classes=10, iterations=300):
+    """One-vs-rest L2-SVM: min Σ_i Σ_c max(0, 1 − y_ic (Fc_i w_c + b_c))² + λ·(tr(FcᵀFc)/D)·‖W‖², y = ±1,
+    by L-BFGS (Coates & Ng's head). Returns (W, b) on uncentred features."""
+    mean = F.mean(0)
+    Fc = F - mean
+    Y = 2 * torch.nn.functional.one_hot(labels, classes).to(F.dtype) - 1
+    ridge = penalty * Fc.pow(2).sum() / F.shape[1]
+    W = torch.zeros(F.shape[1], classes, dtype=F.dtype, requires_grad=True)
+    b = torch.zeros(classes, dtype=F.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((1 - Y * (Fc @ W + b)).clamp_min(0).pow(2).sum() + ridge * W.pow(2).sum()) / F.shape[0]
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    W, b = W.detach().double(), b.detach().double()
+    return W, b - mean.double() @ W
+
+
 def standardised(images: np.ndarray, mean=None, std=None):
     X = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
     if mean is None:
@@ -78,6 +101,9 @@ def main(argv=None):
                    help="atoms by T iterations of k-means on the sampled patches (default: random patches)")
     p.add_argument("--encoding", default="nystrom", choices=ENCODINGS, help="patch codes: Nyström κ or Coates & Ng's triangle")
     p.add_argument("--standardise", action="store_true", help="scale every feature to unit variance before ridge")
+    p.add_argument("--refit-atoms", action="store_true",
+                   help="after a metric update, re-run k-means (--kmeans T) in the new metric's coordinates")
+    p.add_argument("--head", default="ridge", choices=["ridge", "svm"], help="ridge regression or squared-hinge L2-SVM")
     p.add_argument("--penalties", default="1e-4,1e-3,1e-2,1e-1")
     args = p.parse_args(argv)
 
@@ -117,10 +143,10 @@ def main(argv=None):
         if args.standardise:
             scale = F.std(0).clamp_min(1e-6 * F.std(0).max())
             F, Fv = F / scale, Fv / scale
-        stats = RidgeStatistics.of(F, Y)
+        stats = RidgeStatistics.of(F, Y) if args.head == "ridge" else None
         fits = []
         for penalty in (float(v) for v in args.penalties.split(",")):
-            W, b = stats.solve(penalty)
+            W, b = stats.solve(penalty) if args.head == "ridge" else squared_hinge_head(F, ytr, penalty)
             val = ((Fv.double() @ W + b).argmax(1) == yva).double().mean().item()
             fits.append((val, penalty, W, b))
         val, penalty, W, b = max(fits, key=lambda f: f[0])
@@ -133,6 +159,9 @@ def main(argv=None):
             tic = time.perf_counter()
             G = fmap.transformed_agop(rows[: args.agop_samples], W.float())
             M = refine_metric(L.double(), G, args.power, args.shrinkage)
+            if args.refit_atoms:
+                atoms = kmeans_atoms(patches[torch.randperm(len(patches), generator=gen)[:200_000]],
+                                     metric_factor(M).float(), args.atoms, args.kmeans)
             evals = torch.linalg.eigvalsh(G)
             print(f"  AGOP {time.perf_counter() - tic:.0f} s, effective rank {evals.sum().item() / evals[-1].item():.1f}",
                   flush=True)

@@ -291,5 +291,5 @@ class RidgeStatistics:
             raise ValueError("every feature takes one value on all training images (e.g. constant images): "
                              "the head has nothing to fit")
         A = self.gram + ridge * torch.eye(D, dtype=self.gram.dtype, device=self.gram.device)
-        W = torch.linalg.solve(A, self.cross)
+        W = torch.cholesky_solve(self.cross, torch.linalg.cholesky(A))  # A is positive definite
         return W, self.target_mean - self.mean @ W

@@ -11,12 +11,12 @@ from __future__ import annotations
 PRESETS = {
     "cifar10": {
         "features": {
-            "cpu": {"patch_size": 6, "n_atoms": 1024, "pooling": 3, "kernel": "laplace", "metric": "whiten",
-                    "whiten_eps": 0.1, "iterations": 1, "agop_power": 0.5, "shrinkage": 0.0, "agop_samples": 1000,
-                    "penalty": 0.1, "penalty_grid": (0.1, 0.3, 1.0, 3.0, 10.0)},
-            "cuda": {"patch_size": 6, "n_atoms": 4096, "pooling": 3, "kernel": "laplace", "metric": "whiten",
-                     "whiten_eps": 0.1, "iterations": 1, "agop_power": 0.5, "shrinkage": 0.0, "agop_samples": 2000,
-                     "penalty": 0.1, "penalty_grid": (0.1, 0.3, 1.0, 3.0, 10.0)},
+            "cpu": {"patch_size": 6, "n_atoms": 1024, "dictionary": "kmeans", "pooling": 3, "encoding": "triangle",
+                    "metric": "whiten", "whiten_eps": 0.1, "iterations": 1, "agop_power": 0.5, "shrinkage": 0.0,
+                    "agop_samples": 1000, "penalty": 0.01, "penalty_grid": (0.1, 0.3, 1.0, 3.0, 10.0)},
+            "cuda": {"patch_size": 6, "n_atoms": 4096, "dictionary": "kmeans", "pooling": 3, "encoding": "triangle",
+                     "metric": "whiten", "whiten_eps": 0.1, "iterations": 1, "agop_power": 0.5, "shrinkage": 0.0,
+                     "agop_samples": 2000, "penalty": 0.01, "penalty_grid": (0.1, 0.3, 1.0, 3.0, 10.0)},
         },
     },
 }
