@@ -203,9 +203,11 @@ class PatchFeatureRFM(RFMEstimator):
     # ------------------------------------------------------------------ building blocks
     def _check_params(self):
         super()._check_params()
-        if self.encoding == "triangle" and (self.kernel != "laplace" or self.sigma != "median"):
-            raise ValueError(f"kernel={self.kernel!r}, sigma={self.sigma!r} set the Nyström encoding; "
-                             "encoding='triangle' has no kernel or bandwidth: drop them or use encoding='nystrom'")
+        nystrom_only = [f"{name}={value!r}" for name, value, default in
+                        (("kernel", self.kernel, "laplace"), ("sigma", self.sigma, "median")) if value != default]
+        if self.encoding == "triangle" and nystrom_only:
+            raise ValueError(f"{', '.join(nystrom_only)} sets the Nyström encoding; encoding='triangle' has no "
+                             "kernel or bandwidth: drop it or use encoding='nystrom'")
 
     def _geometry(self, image_shape) -> PatchGeometry:
         return PatchGeometry(image_shape, self.patch_size, self.stride, self.padding)
