@@ -1,8 +1,9 @@
 """Ablations of the explicit patch-feature pipeline below the estimator (docs/results.md, n = 10 000).
 
 Composes the pieces of :mod:`falkon_convrfm.features` directly, so that levers the estimator does
-not expose can be switched: the Nyström projection (``--no-projector``: raw pooled κ values) and a
-multiple of the median bandwidth. Split: a fixed permutation of the file (numpy seed 0); its first
+not expose can be switched: the Nyström projection (``--no-projector``: raw pooled κ values), a
+multiple of the median bandwidth, feature standardisation, a Gaussian top kernel (``--head
+gaussian``), k-means atoms re-fitted after a metric update (``--refit-atoms``). Split: a fixed permutation of the file (numpy seed 0); its first
 ``--n`` images train, its last ``--n-val`` validate. Standardised pixels, atoms = random training
 patches, ridge head with the penalty chosen on validation from ``--penalties``. Prints one line per
 iteration: σ, feature count, validation accuracy, chosen λ, training accuracy (first 5 000
@@ -11,9 +12,11 @@ images), encode / solve time, peak memory.
     python examples/feature_ablation.py --n 10000 --n-val 2000 --atoms 1024 --pooling 2
     python examples/feature_ablation.py --pooling 3 --penalties 3e-2,1e-1,3e-1,1
     python examples/feature_ablation.py --iterations 1 --power 0.5 --shrinkage 0.5
+    python examples/feature_ablation.py --pooling 3 --kmeans 10 --encoding triangle --head gaussian
 """
 import argparse
 import dataclasses
+import os
 import resource
 import time
 
@@ -48,27 +51,31 @@ class NormalisedPatches(PatchGeometry):
         return (U - box * (ones @ factor)) / (var + self.eps).sqrt()
 
 
-def squared_hinge_head(F, labels, penalty, classes=10, iterations=300):
-    """One-vs-rest L2-SVM: min Σ_i Σ_c max(0, 1 − y_ic (Fc_i w_c + b_c))² + λ·(tr(FcᵀFc)/D)·‖W‖², y = ±1,
-    by L-BFGS (Coates & Ng's head). Returns (W, b) on uncentred features."""
-    mean = F.mean(0)
-    Fc = F - mean
-    Y = 2 * torch.nn.functional.one_hot(labels, classes).to(F.dtype) - 1
-    ridge = penalty * Fc.pow(2).sum() / F.shape[1]
-    W = torch.zeros(F.shape[1], classes, dtype=F.dtype, requires_grad=True)
-    b = torch.zeros(classes, dtype=F.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
+def gaussian_head(F, labels, Fv, penalties, centres, sigma_scale, seed=0):
+    """Nyström Gaussian kernel ridge regression on the pooled features (a nonlinear top kernel):
+    k(f, g) = exp(−‖f − g‖² / (2σ²)), σ² = sigma_scale² · median ‖f − g‖² / 2 over training pairs,
+    α = (K_nmᵀK_nm + nλ K_mm)⁻¹ K_nmᵀ Y with m random training rows as centres.
+    Yields (penalty, validation scores, training scores of the first 5 000 rows) per penalty."""
+    gen = torch.Generator().manual_seed(seed)
+    C = F[torch.randperm(F.shape[0], generator=gen)[:centres]]
+    sub = F[:2000]
+    sq = torch.cdist(sub, sub).pow(2)
+    gamma = 1.0 / (sigma_scale**2 * sq[sq > 0].median().item())  # 1/(2σ²)
 
-    def closure():
-        opt.zero_grad()
-        loss = ((1 - Y * (Fc @ W + b)).clamp_min(0).pow(2).sum() + ridge * W.pow(2).sum()) / F.shape[0]
-        loss.backward()
-        return loss
+    def kernel(A):
+        return torch.exp(-gamma * torch.cdist(A, C).pow(2)).double()
 
-    opt.step(closure)
-    W, b = W.detach().double(), b.detach().double()
-    return W, b - mean.double() @ W
+    Y = 2 * torch.nn.functional.one_hot(labels, 10).double() - 1
+    A0 = torch.zeros(centres, centres, dtype=torch.float64)
+    B = torch.zeros(centres, 10, dtype=torch.float64)
+    for i in range(0, F.shape[0], 2000):
+        K = kernel(F[i : i + 2000])
+        A0 += K.T @ K
+        B += K.T @ Y[i : i + 2000]
+    Kmm, Kv, Kt = kernel(C), kernel(Fv), kernel(F[:5000])
+    for penalty in penalties:
+        alpha = torch.linalg.solve(A0 + F.shape[0] * penalty * Kmm + 1e-10 * torch.eye(centres, dtype=torch.float64) * A0.diagonal().mean(), B)
+        yield penalty, Kv @ alpha, Kt @ alpha
 
 
 def standardised(images: np.ndarray, mean=None, std=None):
@@ -103,7 +110,11 @@ def main(argv=None):
     p.add_argument("--standardise", action="store_true", help="scale every feature to unit variance before ridge")
     p.add_argument("--refit-atoms", action="store_true",
                    help="after a metric update, re-run k-means (--kmeans T) in the new metric's coordinates")
-    p.add_argument("--head", default="ridge", choices=["ridge", "svm"], help="ridge regression or squared-hinge L2-SVM")
+    p.add_argument("--head", default="ridge", choices=["ridge", "gaussian"],
+                   help="ridge regression, or a Nyström Gaussian kernel on the pooled features")
+    p.add_argument("--centres", type=int, default=5000, help="Nyström centres of --head gaussian")
+    p.add_argument("--top-sigma-scale", type=float, default=1.0, help="σ of --head gaussian, × the median distance")
+    p.add_argument("--cache", help="file holding the first iteration's features (written if missing, else read)")
     p.add_argument("--penalties", default="1e-4,1e-3,1e-2,1e-1")
     args = p.parse_args(argv)
 
@@ -138,15 +149,27 @@ def main(argv=None):
         fmap = PatchFeatureMap(geometry, L, atoms, BASE_KERNELS[args.kernel], sigma, pool, encoding=args.encoding)
         if args.no_projector:
             fmap.projector = torch.eye(args.atoms)
-        F, Fv = fmap.transform(rows), fmap.transform(val_rows)
+        if t == 0 and args.cache and os.path.exists(args.cache):
+            F, Fv = torch.load(args.cache)
+        else:
+            F, Fv = fmap.transform(rows), fmap.transform(val_rows)
+            if t == 0 and args.cache:
+                torch.save((F, Fv), args.cache)
         encode = time.perf_counter() - tic
         if args.standardise:
             scale = F.std(0).clamp_min(1e-6 * F.std(0).max())
             F, Fv = F / scale, Fv / scale
-        stats = RidgeStatistics.of(F, Y) if args.head == "ridge" else None
+        if args.head == "gaussian":
+            for penalty, val_scores, train_scores in gaussian_head(F, ytr, Fv, [float(v) for v in args.penalties.split(",")],
+                                                                   args.centres, args.top_sigma_scale):
+                print(f"  gaussian head, λ {penalty:g}: validation {100 * (val_scores.argmax(1) == yva).double().mean():.2f} %, "
+                      f"train {100 * (train_scores.argmax(1) == ytr[:5000]).double().mean():.1f} %, "
+                      f"{time.perf_counter() - tic - encode:.0f} s", flush=True)
+            continue
+        stats = RidgeStatistics.of(F, Y)
         fits = []
         for penalty in (float(v) for v in args.penalties.split(",")):
-            W, b = stats.solve(penalty) if args.head == "ridge" else squared_hinge_head(F, ytr, penalty)
+            W, b = stats.solve(penalty)
             val = ((Fv.double() @ W + b).argmax(1) == yva).double().mean().item()
             fits.append((val, penalty, W, b))
         val, penalty, W, b = max(fits, key=lambda f: f[0])
