@@ -58,7 +58,8 @@ LAYER_PARAMS = table(
     Param("patch_size", Integer(1), "patch side q of the layer"),
     Param("padding", Integer(0), "zero padding of the layer's input map"),
     Param("n_atoms", Integer(1), "atoms k: the layer's output channels"),
-    Param("rank", AnyOf((OneOf((None,)), Integer(1))), "rank r of the layer's metric (None: full, d = c·q²)"),
+    Param("rank", AnyOf((OneOf((None,)), Integer(1))), "rank r of the layer's metric (None: full, d = c·q²)", "--rank",
+          "R"),
     Param("pool", AnyOf((OneOf((None,)), POOLING)), "local average pooling of the code map: None, g (a g×g map) "
                                                     "or (window, stride)"),
     Param("iterations", Integer(0), "metric updates of the layer"),
