@@ -328,11 +328,16 @@ class DeepPatchFeatureRFM(RFMEstimator):
         patches or pooling do not fit its input."""
         shapes = [tuple(image_shape)]
         for index, layer in enumerate(self._layers()):
+            _, h, w = shapes[-1]
+            q, pad = layer.patch_size, layer.padding
+            if q > min(h, w) + 2 * pad:
+                raise ValueError(f"layers[{index}]: its {q}×{q} patches do not fit its {h}×{w} input map (padding {pad}): "
+                                 "use fewer layers, less pooling or smaller patches")
+            geometry = PatchGeometry(shapes[-1], q, 1, pad)
             try:
-                geometry = PatchGeometry(shapes[-1], layer.patch_size, 1, layer.padding)
                 composite_pooling(geometry.out_shape, layer.pool, self.pooling)
             except ValueError as exc:
-                raise ValueError(f"layers[{index}] on its {shapes[-1][1]}×{shapes[-1][2]} input map: {exc}") from None
+                raise ValueError(f"layers[{index}] on its {h}×{w} input map: {exc}") from None
             if index == 0:
                 warn_few_locations(geometry)
             shapes.append(output_shape(geometry, layer))

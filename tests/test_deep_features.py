@@ -259,7 +259,8 @@ def test_resume_after_a_kill_gives_the_same_model(tmp_path, monkeypatch):
     (dict(layers="deep"), "layers must be a sequence of FeatureLayer"),
     (dict(pooling=(3, 2)), "pooling must be an integer >= 1"),
     (dict(metric="dc"), "metric"),
-    (dict(layers=[dict(pool=(3, 2)), dict(patch_size=6)]), r"layers\[1\] on its 4×4 input map: patch_size=6 is larger"),
+    (dict(layers=[dict(pool=(3, 2)), dict(patch_size=6)]), r"layers\[1\]: its 6×6 patches do not fit its 4×4 input map"),
+    (dict(layers=[dict(pool=(3, 2)), dict(patch_size=3)], pooling=3), r"layers\[1\] on its 4×4 input map: a 3×3 pooling grid"),
     (dict(layers=[dict(n_atoms=100_000)]), r"layers\[0\].n_atoms=100000 is more than the"),
     (dict(sigma=2.0), "encoding='triangle' has no kernel or bandwidth"),
 ])
