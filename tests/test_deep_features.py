@@ -277,3 +277,16 @@ def test_ladder_and_preset():
     model = DeepPatchFeatureRFM.preset("cifar10")
     assert model.device == "cpu" and len(model.layers) >= 2
     assert DeepPatchFeatureRFM.preset("cifar10", pooling=3).pooling == 3
+
+
+def test_neural_collapse_per_layer_on_the_output_maps():
+    from falkon_convrfm.collapse import nc1, nc2
+
+    X, y = _images(60)
+    model = DeepPatchFeatureRFM(**PARAMS).fit(X, y)
+    for depth in (0, 1, 2):
+        H = model.transform(X, depth)
+        assert np.isfinite(nc1(H, y)) and np.isfinite(nc2(H, y))
+    assert nc1(model.transform(X, 2), y) < nc1(model.transform(X, 0), y)  # the bar's side separates with depth
+    with pytest.raises(ValueError, match="depth=3 is more than the 2 layers"):
+        model.transform(X, 3)
