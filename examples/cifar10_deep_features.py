@@ -26,7 +26,7 @@ def layer_spec(text: str, iterations: int) -> FeatureLayer:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data/cifar10_train.npz")
+    p.add_argument("--data", default="../shared/data/cifar10_train.npz", help="npz with images (N, 32, 32, 3), labels")
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--n-val", type=int, default=2000)
     p.add_argument("--layer", action="append", required=True, metavar="q,k,rank,pool")
