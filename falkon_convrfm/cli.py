@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from .deep import LAYER_PARAMS, DeepConvRFM, LayerSpec
-from .deep_features import DEEP_FEATURE_PARAMS, LAYER_PARAMS as FEATURE_LAYER_PARAMS, DeepPatchFeatureRFM, FeatureLayer, layer_ladder
+from .deep_features import DEEP_FEATURE_PARAMS, DeepPatchFeatureRFM, FeatureLayer, layer_ladder
+from .deep_features import LAYER_PARAMS as FEATURE_LAYER_PARAMS
 from .estimator import SHARED_PARAMS as SHARED_TABLE
 from .feature_rfm import PATCH_FEATURE_PARAMS, PatchFeatureRFM
 from .params import Integer, OneOf, Positive, option_type, param_default

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .base_kernels import BASE_KERNELS
-from .estimator import COMMON_PARAMS, LearnedMetric, RFMEstimator, median_bandwidth, warn_few_locations, warn_tied_iterates
+from .estimator import COMMON_PARAMS, LearnedMetric, RFMEstimator, median_bandwidth, warn_tied_iterates
 from .feature_rfm import PATCH_FEATURE_PARAMS
 from .features import PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix
 from .memory import memory_budget
@@ -321,7 +321,7 @@ class DeepPatchFeatureRFM(RFMEstimator):
         return self._layers()
 
     def _check_image_shape(self, image_shape):
-        self._shapes(image_shape)
+        self._shapes(image_shape)  # stride 1: every pixel is in a patch (no few-locations warning to give)
 
     def _shapes(self, image_shape) -> list:
         """The input shape of every layer, then the last map's; ValueError naming the layer whose
@@ -338,8 +338,6 @@ class DeepPatchFeatureRFM(RFMEstimator):
                 composite_pooling(geometry.out_shape, layer.pool, self.pooling)
             except ValueError as exc:
                 raise ValueError(f"layers[{index}] on its {h}×{w} input map: {exc}") from None
-            if index == 0:
-                warn_few_locations(geometry)
             shapes.append(output_shape(geometry, layer))
         return shapes
 

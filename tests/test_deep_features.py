@@ -290,3 +290,4 @@ def test_neural_collapse_per_layer_on_the_output_maps():
     assert nc1(model.transform(X, 2), y) < nc1(model.transform(X, 0), y)  # the bar's side separates with depth
     with pytest.raises(ValueError, match="depth=3 is more than the 2 layers"):
         model.transform(X, 3)
+
