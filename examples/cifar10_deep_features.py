@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--encoding", default="triangle", choices=["triangle", "nystrom"])
     p.add_argument("--eps", type=float, default=0.1, help="whitening ε")
     p.add_argument("--agop-samples", type=int, default=1000)
+    p.add_argument("--penalty", type=float, default=0.1, help="ridge λ; the grid is 0.1, 0.3, 1, 3, 10 times it")
     p.add_argument("--max-memory-gb", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -47,6 +48,7 @@ def main(argv=None):
     model = DeepPatchFeatureRFM(
         layers=[layer_spec(t, args.iterations) for t in args.layer], pooling=args.pooling,
         dictionary=args.dictionary, encoding=args.encoding, whiten_eps=args.eps, agop_samples=args.agop_samples,
+        penalty=args.penalty,
         max_memory=args.max_memory_gb * 2**30, random_state=args.seed, progress=False)
     tic = time.perf_counter()
     model.fit(images[train], labels[train], images[val], labels[val])
