@@ -308,7 +308,12 @@ class DeepPatchFeatureRFM(RFMEstimator):
     def _layers(self) -> list:
         if isinstance(self.layers, (FeatureLayer, dict, str)) or not hasattr(self.layers, "__iter__"):
             raise TypeError(f"layers must be a sequence of FeatureLayer (or dicts of its fields), got {self.layers!r}")
-        specs = [s if isinstance(s, FeatureLayer) else FeatureLayer(**s) for s in self.layers]
+        specs = []
+        for index, spec in enumerate(self.layers):
+            try:
+                specs.append(spec if isinstance(spec, FeatureLayer) else FeatureLayer(**spec))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"layers[{index}]: {exc}") from None
         if not specs:
             raise ValueError("layers is empty: give at least one FeatureLayer")
         return specs

@@ -252,7 +252,7 @@ def test_resume_after_a_kill_gives_the_same_model(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("params, message", [
     (dict(layers=[dict(n_atoms=0)]), "n_atoms must be an integer >= 1"),
-    (dict(layers=[dict(rank=0)]), "rank must be an integer >= 1"),
+    (dict(layers=[dict(), dict(rank=0)]), r"layers\[1\]: rank must be an integer >= 1"),
     (dict(layers=[dict(pool=(3, 5))]), "stride 5 is larger than the window 3"),
     (dict(layers=[dict(widht=3)]), "widht"),
     (dict(layers=[]), "layers is empty"),
