@@ -19,9 +19,11 @@ from .datasets import (
     make_local_signal,
 )
 from .deep import DeepConvRFM, DeepRFM, LayerSpec
+from .deep_features import DeepPatchFeatureRFM, FeatureLayer
 from .kernel import ConvMahalanobisKernel, median_patch_distance
 from .inputs import channels_last_layout, image_rows, resolve_task, train_val_split
-from .metric import as_metric, fixed_metric, metric_factor, normalise_trace, psd_power, update_metric
+from .metric import (as_metric, fixed_metric, metric_factor, normalise_trace, psd_power, update_metric,
+                     whitening_factor)
 from .patches import PatchGeometry
 from .planning import format_plan, plan_memory
 from .feature_rfm import PatchFeatureRFM
@@ -38,8 +40,10 @@ __all__ = [
     "ConvMahalanobisKernel",
     "ConvRFM",
     "DeepConvRFM",
+    "DeepPatchFeatureRFM",
     "DeepRFM",
     "ImageDataset",
+    "FeatureLayer",
     "KernelOptions",
     "LayerSpec",
     "PatchFeatureRFM",
@@ -81,5 +85,6 @@ __all__ = [
     "resolve_task",
     "train_val_split",
     "update_metric",
+    "whitening_factor",
     "zca_whitening",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import csv
 import difflib
 import inspect
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from .deep import LAYER_PARAMS, DeepConvRFM, LayerSpec
+from .deep_features import DEEP_FEATURE_PARAMS, DeepPatchFeatureRFM, FeatureLayer, layer_ladder
+from .deep_features import LAYER_PARAMS as FEATURE_LAYER_PARAMS
 from .estimator import SHARED_PARAMS as SHARED_TABLE
 from .feature_rfm import PATCH_FEATURE_PARAMS, PatchFeatureRFM
 from .params import Integer, OneOf, Positive, option_type, param_default
@@ -59,10 +62,13 @@ def _on_command_line(params: dict) -> tuple:
 # defaults (the estimators' own).
 SHARED_PARAMS = _on_command_line(SHARED_TABLE)
 CONV_PARAMS = _on_command_line(CONVRFM_PARAMS)
-# Every estimator option once, by parameter name (the first table that declares it gives its rule).
-ESTIMATOR_OPTIONS = {name: table[name] for table in (PATCH_FEATURE_PARAMS, CONVRFM_PARAMS, SHARED_TABLE)
-                     for name in _on_command_line(table)}
-MODELS = {"conv": ConvRFM, "deep": DeepConvRFM, "features": PatchFeatureRFM}
+# Every estimator option once, by parameter name (the last table that declares it gives its rule:
+# --pooling and --metric read as PatchFeatureRFM's, DeepPatchFeatureRFM checks its narrower rules).
+ESTIMATOR_OPTIONS = {name: table[name] for table in (DEEP_FEATURE_PARAMS, PATCH_FEATURE_PARAMS, CONVRFM_PARAMS,
+                                                     SHARED_TABLE) for name in _on_command_line(table)}
+MODELS = {"conv": ConvRFM, "deep": DeepPatchFeatureRFM, "deep-conv": DeepConvRFM, "features": PatchFeatureRFM}
+# The options that describe the layers of a deep model (not estimator parameters of their own).
+LAYER_OPTIONS = {"depth": "--depth", "width": LAYER_PARAMS["width"].option, "rank": FEATURE_LAYER_PARAMS["rank"].option}
 # The options that set estimator parameters, by parameter name (for the estimators' messages).
 PARAM_OPTIONS = {**{name: p.option for name, p in ESTIMATOR_OPTIONS.items()}, "width": LAYER_PARAMS["width"].option,
                  "max_memory": "--max-memory-gb", "checkpoint_dir": "--checkpoint-dir"}
@@ -97,11 +103,11 @@ def _defaults_text(name: str) -> str:
     """'(default: …)' of an estimator option: the default of each model that has the parameter."""
     defaults = {}
     for model, cls in MODELS.items():
-        if name in inspect.signature(cls).parameters and model != "deep":
+        if name in inspect.signature(cls).parameters and model != "deep-conv":  # deep-conv: conv's defaults
             defaults.setdefault(repr(param_default(cls, name)), []).append(model)
     if len(defaults) == 1:
         (value, models), = defaults.items()
-        only = {"conv": "conv and deep", "features": "features"}
+        only = {"conv": "conv and deep-conv", "features": "features", "deep": "deep"}
         return f"(default: {value}{'' if len(models) > 1 else '; --model ' + only[models[0]] + ' only'})"
     return "(default: " + "; ".join(f"{' and '.join(m)} {v}" for v, m in defaults.items()) + ")"
 
@@ -349,8 +355,8 @@ def title(metric, iteration: int) -> str:
 
 def learned_metric(model, layer: int | None):
     """The :class:`~falkon_convrfm.estimator.LearnedMetric` of a model (``layer`` None) or of a deep
-    model's layer (default: the final ConvRFM)."""
-    if not hasattr(model, "final_"):
+    model's layer (default: the last: deep-conv's final ConvRFM, deep's last feature layer)."""
+    if not isinstance(model, (DeepConvRFM, DeepPatchFeatureRFM)):
         if layer is not None:
             raise ValueError(f"--layer applies to deep models; this model is a {type(model).__name__}")
         return model.learned_metric()
@@ -459,33 +465,68 @@ def build_model(args, config: dict):
     extras = dict(max_memory=None if args.max_memory_gb is None else args.max_memory_gb * 2**30,
                   checkpoint_dir=str(checkpoint_dir(args)), progress=not args.quiet,
                   channels_last=False)  # the loaders give (n, c, H, W): small images are not ambiguous
-    layer_options = args.depth != 1 or args.width != param_default(LayerSpec, "width")
+    layer_options = [option for name, option in LAYER_OPTIONS.items() if getattr(args, name) is not None]
+    if args.rank is not None and model != "deep":
+        raise ValueError("--rank sets the metric rank of the layers of --model deep")
+    if layer_options and model in ("conv", "features"):
+        raise ValueError("--depth and --width describe the layers of --model deep or deep-conv")
     if model == "features":
-        if layer_options:
-            raise ValueError("--depth and --width describe the layers of --model deep")
         base = preset_params(args.preset, given.get("device", "cpu"), model) if args.preset else {}
         given = _applicable(given, PatchFeatureRFM, model)
         return PatchFeatureRFM(**{**base, **given, **extras, **_known(config, PatchFeatureRFM, where)})
+    if model == "deep":
+        return deep_features_model(args, given, config, extras, layer_options)
     given = _applicable(given, ConvRFM, model)
     shared = {name: given.get(name, conv_default(name)) for name in SHARED_PARAMS}
     shared.update(extras)
     conv = {name: given.get(name, conv_default(name)) for name in CONV_PARAMS}
     if model == "conv":
-        if layer_options:
-            raise ValueError("--depth and --width describe the layers of --model deep")
         return ConvRFM(**{**shared, **conv, **_known(config, ConvRFM, where)})
     config = dict(_known(config, DeepConvRFM, where))
     if "layers" in config and layer_options:
-        raise ValueError(f"--depth / --width and the 'layers' of {where} both describe the layers: use one")
-    layers = config.pop("layers", [{"width": args.width}] * args.depth)
+        raise ValueError(f"{' / '.join(layer_options)} and the 'layers' of {where} both describe the layers: use one")
+    width = param_default(LayerSpec, "width") if args.width is None else args.width
+    layers = config.pop("layers", [{"width": width}] * (args.depth or 1))
     if not isinstance(layers, list) or not all(isinstance(s, dict) for s in layers):
         raise ValueError(f"{where}: 'layers' must be a list of objects of LayerSpec fields")
     final = _known(config.pop("final", {}), ConvRFM, f"{where}, 'final'")
+    layers = [_layer(LayerSpec, spec, where) for spec in layers]
+    return DeepConvRFM(layers=layers, final={**conv, **final}, **{**shared, **config})
+
+
+def _layer(cls, fields: dict, where: str):
+    """A layer spec (LayerSpec, FeatureLayer) of the --config ``fields``, or ConfigError naming the file."""
     try:
-        layers = [LayerSpec(**_known(spec, LayerSpec, f"{where}, 'layers'")) for spec in layers]
+        return cls(**_known(fields, cls, f"{where}, 'layers'"))
     except (ValueError, TypeError) as exc:
         raise exc if isinstance(exc, ConfigError) else ConfigError(f"{where}, 'layers': {_one_line(exc)}") from None
-    return DeepConvRFM(layers=layers, final={**conv, **final}, **{**shared, **config})
+
+
+def deep_features_model(args, given: dict, config: dict, extras: dict, layer_options: list) -> DeepPatchFeatureRFM:
+    """--model deep: the layers of --config 'layers', else of --depth / --width / --rank (a
+    :func:`~falkon_convrfm.deep_features.layer_ladder`), else the preset's or the estimator's;
+    --iterations sets the metric updates of every layer."""
+    where = f"--config {args.config}"
+    base = preset_params(args.preset, given.get("device", "cpu"), "deep") if args.preset else {}
+    given = dict(given)
+    iterations = given.pop("iterations", None)
+    config = dict(_known(config, DeepPatchFeatureRFM, where))
+    if "layers" in config and layer_options:
+        raise ValueError(f"{' / '.join(layer_options)} and the 'layers' of {where} both describe the layers: use one")
+    if "layers" in config:
+        if not isinstance(config["layers"], list) or not all(isinstance(s, dict) for s in config["layers"]):
+            raise ValueError(f"{where}: 'layers' must be a list of objects of FeatureLayer fields")
+        layers = [_layer(FeatureLayer, spec, where) for spec in config.pop("layers")]
+    elif layer_options:
+        ladder = {name: getattr(args, name) for name in LAYER_OPTIONS if getattr(args, name) is not None}
+        layers = layer_ladder(**ladder)
+    else:
+        layers = [FeatureLayer(**s) if isinstance(s, dict) else s
+                  for s in base.get("layers", param_default(DeepPatchFeatureRFM, "layers"))]
+    if iterations is not None:
+        layers = [dataclasses.replace(s, iterations=iterations) for s in layers]
+    given = _applicable(given, DeepPatchFeatureRFM, "deep")
+    return DeepPatchFeatureRFM(**{**base, **given, **extras, **config, "layers": layers})
 
 
 def checkpoint_dir(args) -> Path:
@@ -641,8 +682,12 @@ def cmd_filters(args):
     out = check_output_file(args.out, "--out", FIGURE_SUFFIXES, args.overwrite)
     locations = (None if args.locations is None
                  else check_output_file(args.locations, "--locations", FIGURE_SUFFIXES, args.overwrite))
-    metric = learned_metric(load_model(args.model), args.layer)
+    model = load_model(args.model)
+    metric = learned_metric(model, args.layer)
     iteration = iteration_of(metric, args.iteration)
+    if locations and isinstance(model, DeepPatchFeatureRFM):
+        raise ValueError("--locations: the explicit feature layers of --model deep keep no per-location AGOP share "
+                         "(their AGOP is summed over locations)")
     share, share_title = _location_share(metric, iteration) if locations else (None, None)
     draw_filters(metric, iteration, args.k, out)
     print(f"wrote {out}: {title(metric, iteration)}")
@@ -705,16 +750,25 @@ def _add_debug(p, default):
 
 
 def _add_estimator_options(p):
-    p.add_argument("--model", choices=tuple(MODELS), help="ConvRFM, Deep ConvRFM or PatchFeatureRFM (explicit pooled "
-                   "patch features, linear head) (default: features with --preset, else conv)")
-    p.add_argument("--preset", choices=tuple(PRESETS), help="PatchFeatureRFM settings chosen on validation runs "
-                   "(docs/results.md), per device; options given next to it override its values (default: none)")
+    p.add_argument("--model", choices=tuple(MODELS), help="conv: ConvRFM; deep: DeepPatchFeatureRFM (explicit feature "
+                   "layers with pooling, a learned low-rank metric per layer, linear head); deep-conv: DeepConvRFM "
+                   "(random convolutions drawn from each layer's M); features: PatchFeatureRFM (explicit pooled patch "
+                   "features, linear head) (default: the preset's first model with --preset, else conv)")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="settings chosen on validation runs (docs/results.md) "
+                   "for --model features or deep, per device; options given next to it override its values "
+                   "(default: none)")
     p.add_argument("--config", help="JSON object of extra estimator parameters, taking precedence over the "
-                   "options (deep: 'layers', a list of LayerSpec fields, and 'final') (default: none)")
+                   "options (deep: 'layers', a list of FeatureLayer fields; deep-conv: 'layers', a list of LayerSpec "
+                   "fields, and 'final') (default: none)")
     for name, param in ESTIMATOR_OPTIONS.items():
         _add_param(p, param, argparse.SUPPRESS, help=f"{param.help} {_defaults_text(name)}")
-    p.add_argument("--depth", type=_integer(1), default=1, help="deep: number of feature-map layers")
-    _add_param(p, LAYER_PARAMS["width"], param_default(LayerSpec, "width"))
+    p.add_argument("--depth", type=_integer(1), help="deep / deep-conv: number of layers (default: deep 2, the preset's "
+                   "layers with --preset; deep-conv 1)")
+    _add_param(p, LAYER_PARAMS["width"], None,
+               help=f"deep: atoms per layer; deep-conv: filters per layer (default: deep 256, deep-conv "
+                    f"{param_default(LayerSpec, 'width')})")
+    _add_param(p, FEATURE_LAYER_PARAMS["rank"], None,
+               help="deep: rank of every layer's metric (full when R >= c·q²) (default: 256)")
     p.add_argument("--max-memory-gb", type=POSITIVE, metavar="GB",
                    help="memory budget for kernel blocks and AGOP chunks (default: none, the solver's own)")
 

@@ -41,6 +41,26 @@ AUGMENTS = (None, "flip")
 DEFAULT_MEMORY = 2**30
 
 
+def check_encoding(encoding: str, kernel: str, sigma) -> None:
+    """A ValueError when kernel or sigma is set (not the default) for the triangle code, which has neither."""
+    nystrom_only = [f"{name}={value!r}" for name, value, default in
+                    (("kernel", kernel, "laplace"), ("sigma", sigma, "median")) if value != default]
+    if encoding == "triangle" and nystrom_only:
+        raise ValueError(f"{', '.join(nystrom_only)} sets the Nyström encoding; encoding='triangle' has no "
+                         "kernel or bandwidth: drop it or use encoding='nystrom'")
+
+
+def code_bandwidth(encoding: str, sigma, factor: torch.Tensor, atoms: torch.Tensor, patches: torch.Tensor):
+    """σ of the Nyström code: the given value, or (``"median"``) the median patch-to-atom distance in
+    the metric's coordinates Lᵀx; None for the triangle code."""
+    if encoding == "triangle":
+        return None
+    if sigma != "median":
+        return float(sigma)
+    L = factor.to(atoms.device, atoms.dtype)
+    return median_bandwidth(median_atom_distance(patches[:MEDIAN_PATCHES] @ L, atoms @ L), "patch-to-atom")
+
+
 def flip_rows(rows: torch.Tensor, image_shape) -> torch.Tensor:
     """Images (rows) mirrored left–right."""
     return rows.reshape(-1, *image_shape).flip(-1).reshape(rows.shape[0], -1)
@@ -203,11 +223,7 @@ class PatchFeatureRFM(RFMEstimator):
     # ------------------------------------------------------------------ building blocks
     def _check_params(self):
         super()._check_params()
-        nystrom_only = [f"{name}={value!r}" for name, value, default in
-                        (("kernel", self.kernel, "laplace"), ("sigma", self.sigma, "median")) if value != default]
-        if self.encoding == "triangle" and nystrom_only:
-            raise ValueError(f"{', '.join(nystrom_only)} sets the Nyström encoding; encoding='triangle' has no "
-                             "kernel or bandwidth: drop it or use encoding='nystrom'")
+        check_encoding(self.encoding, self.kernel, self.sigma)
 
     def _geometry(self, image_shape) -> PatchGeometry:
         return PatchGeometry(image_shape, self.patch_size, self.stride, self.padding)
@@ -231,12 +247,7 @@ class PatchFeatureRFM(RFMEstimator):
                                sigma, pool, encoding=self.encoding)
 
     def _bandwidth(self, M, atoms, patches) -> float | None:
-        if self.encoding == "triangle":
-            return None
-        if self.sigma != "median":
-            return float(self.sigma)
-        L = metric_factor(M).to(atoms.device, atoms.dtype)
-        return median_bandwidth(median_atom_distance(patches[:MEDIAN_PATCHES] @ L, atoms @ L), "patch-to-atom")
+        return code_bandwidth(self.encoding, self.sigma, metric_factor(M), atoms, patches)
 
     def _memory(self) -> float:
         return memory_budget(self.max_memory, self.device, default=DEFAULT_MEMORY)

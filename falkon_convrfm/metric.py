@@ -140,18 +140,19 @@ def patch_covariance(patches: torch.Tensor) -> torch.Tensor:
 def whitening_metric(cov: torch.Tensor, eps: float) -> torch.Tensor:
     """M₀ = (Σ + ε·λ̄·I)⁻¹ scaled to tr(M₀) = d, with λ̄ = tr(Σ)/d: the patch-whitening metric
     (‖u − v‖_{M₀} is the distance of ZCA-whitened patches); ε ≥ 0 is relative to the mean eigenvalue."""
-    if not eps >= 0:
-        raise ValueError(f"the whitening regulariser eps must be >= 0, got {eps!r}")
-    cov = cov.detach().to(device="cpu", dtype=torch.float64)
-    d = cov.shape[0]
-    evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
-    evals = evals.clamp_min(0) + eps * evals.clamp_min(0).mean()
-    if not evals.max() > 0:
-        raise ValueError("the patch covariance is 0 (the training patches are all the same, e.g. constant images): "
-                         "there is nothing to whiten (metric='whiten')")
-    if not evals.min() > 0:
-        raise ValueError("the patch covariance is singular: whitening needs eps > 0")
-    return normalise_trace((evecs / evals) @ evecs.T, d)
+    evals, evecs = _whitening_spectrum(cov, eps)
+    return normalise_trace((evecs / evals) @ evecs.T, evals.shape[0])
+
+
+def _refined_inner(G_t: torch.Tensor, r: int, power: float, shrinkage: float) -> torch.Tensor:
+    """(1 − s)·r·G̃^p / tr(G̃^p) + s·I_r: the new metric in the current metric's coordinates."""
+    G_t = G_t.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(G_t).all():
+        raise ValueError("the AGOP G contains NaN or Inf")
+    inner = normalise_trace(psd_power(0.5 * (G_t + G_t.T), power), r)
+    if not inner.abs().max() > 0:
+        raise ValueError("the metric update gives M = 0: the AGOP is zero (the fitted predictor is constant)")
+    return (1 - shrinkage) * inner + shrinkage * torch.eye(r, dtype=torch.float64)
 
 
 def refine_metric(factor: torch.Tensor, G_t: torch.Tensor, power: float = 0.5, shrinkage: float = 0.0) -> torch.Tensor:
@@ -160,14 +161,50 @@ def refine_metric(factor: torch.Tensor, G_t: torch.Tensor, power: float = 0.5, s
 
     s = 1 keeps M; s = 0 replaces the metric in u-space by the AGOP's power. Starting from the
     whitening metric this refines whitening instead of replacing it."""
-    r = factor.shape[1]
-    G_t = G_t.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(G_t).all():
-        raise ValueError("the AGOP G contains NaN or Inf")
-    inner = normalise_trace(psd_power(0.5 * (G_t + G_t.T), power), r)
-    if not inner.abs().max() > 0:
-        raise ValueError("the metric update gives M = 0: the AGOP is zero (the fitted predictor is constant)")
-    inner = (1 - shrinkage) * inner + shrinkage * torch.eye(r, dtype=torch.float64)
+    inner = _refined_inner(G_t, factor.shape[1], power, shrinkage)
     L = factor.detach().to(device="cpu", dtype=torch.float64)
     M = L @ inner @ L.T
     return 0.5 * (M + M.T)
+
+
+def refine_factor(factor: torch.Tensor, G_t: torch.Tensor, power: float = 0.5, shrinkage: float = 0.0) -> torch.Tensor:
+    """:func:`refine_metric` as a factor: L' = L·inner^{1/2} (d × r, float64 on the CPU), so that
+    L' L'ᵀ = refine_metric(L, G̃): the rank r of the metric is kept and no d × d matrix is formed."""
+    inner = _refined_inner(G_t, factor.shape[1], power, shrinkage)
+    return factor.detach().to(device="cpu", dtype=torch.float64) @ psd_power(inner, 0.5)
+
+
+def _whitening_spectrum(cov: torch.Tensor, eps: float):
+    """(λ + ε·λ̄, V) of Σ, ascending, checked as :func:`whitening_metric` checks them."""
+    if not eps >= 0:
+        raise ValueError(f"the whitening regulariser eps must be >= 0, got {eps!r}")
+    cov = cov.detach().to(device="cpu", dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+    evals = evals.clamp_min(0) + eps * evals.clamp_min(0).mean()
+    if not evals.max() > 0:
+        raise ValueError("the patch covariance is 0 (the training patches are all the same, e.g. constant images): "
+                         "there is nothing to whiten (metric='whiten')")
+    if not evals.min() > 0:
+        raise ValueError("the patch covariance is singular: whitening needs eps > 0")
+    return evals, evecs
+
+
+def whitening_factor(cov: torch.Tensor, eps: float, rank: int | None = None) -> torch.Tensor:
+    """L = c·V_r (λ_r + ε·λ̄)^{-1/2} (d × r): PCA whitening on the top r principal directions of Σ
+    (all d when ``rank`` is None or ≥ d), c chosen so that the full-rank metric has trace d; at full
+    rank L Lᵀ = :func:`whitening_metric` (Σ, ε), at rank r its restriction to the top r directions."""
+    evals, evecs = _whitening_spectrum(cov, eps)
+    d = evals.shape[0]
+    r = d if rank is None else min(rank, d)
+    scale = d / (1 / evals).sum()
+    return evecs.flip(1)[:, :r] * (scale / evals.flip(0)[:r]).sqrt()
+
+
+def principal_factor(cov: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """L = V_r (d × r): the projection on the top r principal directions of Σ; I_d when ``rank``
+    is None or ≥ d (the identity metric)."""
+    d = cov.shape[0]
+    if rank is None or rank >= d:
+        return torch.eye(d, dtype=torch.float64)
+    evecs = torch.linalg.eigh(0.5 * (cov + cov.T).detach().to(device="cpu", dtype=torch.float64))[1]
+    return evecs.flip(1)[:, :rank]

@@ -15,7 +15,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import falkon_convrfm.cli as cli
-from falkon_convrfm import HAS_FALKON, ConvRFM, load_model
+from falkon_convrfm import HAS_FALKON, ConvRFM, FeatureLayer, load_model
+from falkon_convrfm.presets import PRESETS
 from falkon_convrfm.cli import build_parser, main
 
 FIT = ["fit", "--dataset", "digits", "--n-train", "400", "--iterations", "1", "--centres", "300",
@@ -70,16 +71,20 @@ def files(tmp_path_factory):
         warnings.simplefilter("ignore")  # few images: a small validation split
         ConvRFM(iterations=0, solver="exact", progress=False, random_state=0).fit(
             np.random.default_rng(0).random((30, 1, 10, 10)), np.arange(30) % 2).save(d / "other.pt")
-    conv, deep = d / "conv", d / "deep"
+    (d / "deep_layers.json").write_text(json.dumps({"layers": [{"patch_size": 3, "n_atoms": 8, "pool": [2, 1]},
+                                                               {"patch_size": 2, "n_atoms": 8, "rank": 16, "pool": None}]}))
+    conv, deep, features = d / "conv", d / "deep", d / "deep_features"
     for argv in (FIT + ["--out-dir", conv],
-                 ["fit", "--model", "deep", "--dataset", "npz", "--data", d / "train.npz", "--val-data", d / "val.npz",
+                 ["fit", "--model", "deep", "--config", d / "deep_layers.json", "--iterations", "1", "--n-train", "300",
+                  "--agop-samples", "100", "--quiet", "--out-dir", features],
+                 ["fit", "--model", "deep-conv", "--dataset", "npz", "--data", d / "train.npz", "--val-data", d / "val.npz",
           "--depth", "1", "--width", "4", "--iterations", "0", "--centres", "100", "--agop-samples", "100",
                   "--n-train", "100",  # its pictures and messages are tested, not its accuracy
                   "--solver", "exact", "--quiet", "--out-dir", deep]):
         main([str(a) for a in argv])
     model = (conv / "model.pt").read_bytes()
     (d / "truncated.pt").write_bytes(model[: len(model) // 2])
-    return {"dir": d, "conv": conv / "model.pt", "deep": deep / "model.pt"}
+    return {"dir": d, "conv": conv / "model.pt", "deep": deep / "model.pt", "features": features / "model.pt"}
 
 
 # ---------------------------------------------------------------------------- user errors
@@ -139,7 +144,8 @@ USER_ERRORS = [
     (["fit", "--config", "{dir}/unknown.json"], "unknown ConvRFM parameter 'no_such_parameter'; valid: image_shape, patch_size"),
     (["fit", "--config", "{dir}/bad_value.json"], "iterations must be an integer >= 0, got 'many'"),
     (["fit", "--model", "deep", "--config", "{dir}/layers_text.json"], "'layers' must be a list"),
-    (["fit", "--model", "deep", "--config", "{dir}/bad_layers.json"], "unknown LayerSpec parameter 'widht'; did you mean 'width'?"),
+    (["fit", "--model", "deep-conv", "--config", "{dir}/bad_layers.json"], "unknown LayerSpec parameter 'widht'; did you mean 'width'?"),
+    (["fit", "--model", "deep", "--config", "{dir}/bad_layers.json"], "unknown FeatureLayer parameter 'widht'"),
     (["predict", "--model", "{dir}/missing.pt"], "--model {dir}/missing.pt: no such file"),
     (["predict", "--model", "{dir}"], "is a folder, not a file"),
     (["predict", "--model", "{dir}/config.json"], "{dir}/config.json is not a falkon_convrfm model file"),
@@ -185,7 +191,13 @@ USER_ERRORS = [
     (["fit", "--val-data", "{dir}/missing.npz"], "--val-data {dir}/missing.npz: no such file"),
     (["fit", "--val-data", "{dir}/val.npz", "--val-fraction", "0.3"], "--val-fraction does not apply with --val-data"),
     (["fit", "--width", "8"], "--depth and --width describe the layers of --model deep"),
+    (["fit", "--model", "deep-conv", "--depth", "2", "--config", "{dir}/bad_layers.json"], "both describe the layers"),
     (["fit", "--model", "deep", "--depth", "2", "--config", "{dir}/bad_layers.json"], "both describe the layers"),
+    (["fit", "--model", "deep-conv", "--rank", "8"], "--rank sets the metric rank of the layers of --model deep"),
+    (["fit", "--model", "deep", "--rank", "0"], "rank must be an integer >= 1"),
+    (["fit", "--model", "deep", "--pooling", "3,2"], "pooling must be an integer >= 1"),
+    (["fit", "--model", "deep", "--centres", "10"], "--centres does not apply to --model deep"),
+    (["fit", "--model", "deep", "--metric", "dc"], "metric"),
     (["fit", "--n-train", "5000"], "--n-train 5000: digits train split has only 1257 images"),
     (["predict", "--model", "{conv}", "--n", "5000", "--out", "{dir}/p.npy"], "digits test split has only 540 images"),
     (["evaluate", "--model", "{conv}", "--dataset", "npz", "--data", "{dir}/unknown_labels.npz"],
@@ -210,6 +222,8 @@ USER_ERRORS = [
     (["filters", "--model", "{deep}", "--layer", "2"], "--layer 2 is out of range: this DeepConvRFM has layers 0..1"),
     (["filters", "--model", "{deep}", "--layer", "0", "--iteration", "5"], "only the kept M is stored"),
     (["filters", "--model", "{deep}", "--locations", "{dir}/l.png"], "computed no AGOP"),
+    (["filters", "--model", "{features}", "--layer", "2"], "--layer 2 is out of range: this DeepPatchFeatureRFM has layers 0..1"),
+    (["filters", "--model", "{features}", "--locations", "{dir}/l.png"], "--model deep keep no per-location AGOP share"),
 ]
 if not HAS_FALKON:
     USER_ERRORS.append((["fit", "--solver", "falkon"], "falkon"))
@@ -219,10 +233,11 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("argv, phrase", USER_ERRORS, ids=[" ".join(a)[:60] for a, _ in USER_ERRORS])
 def test_user_error_is_one_line_with_exit_status_2(files, capsys, argv, phrase):
-    fill = {"dir": files["dir"], "conv": files["conv"], "deep": files["deep"]}
+    fill = {"dir": files["dir"], "conv": files["conv"], "deep": files["deep"], "features": files["features"]}
     argv = [a.format(**fill) for a in argv]
     if argv and argv[0] == "fit" and "--out-dir" not in argv:
-        argv += ["--out-dir", f"{files['dir']}/never/run", "--quiet"] + ([] if "--solver" in argv else ["--solver", "exact"])
+        argv += ["--out-dir", f"{files['dir']}/never/run", "--quiet"] + ([] if "--solver" in argv or "deep" in argv
+                                                                         else ["--solver", "exact"])  # deep: no solver
     code, out, err = call(argv, capsys)
     assert code == 2, (argv, out, err)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -501,7 +516,11 @@ def test_defaults_are_the_estimators(tmp_path):
     model = cli.build_model(args, {})  # options not given: the estimator's own defaults
     for param in cli.SHARED_PARAMS + cli.CONV_PARAMS:
         assert getattr(model, param) == cli.conv_default(param), param
-    assert args.width == cli.param_default(cli.LayerSpec, "width")
+    assert args.width is None and args.depth is None  # each deep model's own layers
+    deep_conv = cli.build_model(build_parser().parse_args(["fit", "--model", "deep-conv", "--out-dir", str(tmp_path)]), {})
+    assert [s.width for s in deep_conv.layers] == [cli.param_default(cli.LayerSpec, "width")]
+    deep = cli.build_model(build_parser().parse_args(["fit", "--model", "deep", "--out-dir", str(tmp_path)]), {})
+    assert deep.layers == list(cli.param_default(cli.DeepPatchFeatureRFM, "layers"))
     for param in cli.SHARED_PARAMS:  # the deep model gets the same shared options
         assert cli.param_default(cli.DeepConvRFM, param) == cli.conv_default(param), param
 
@@ -584,3 +603,28 @@ def test_small_grey_images_of_a_file_are_read_as_the_file_gives_them(tmp_path, c
     assert model.image_shape_ == (1, 4, 4) and model.channels_last == "auto"
     code, out, err = call(["evaluate", "--model", tmp_path / "run" / "model.pt", *data, "--quiet"], capsys)
     assert code == 0 and "40 images, accuracy" in out, err
+
+
+def test_deep_feature_model_evaluates_and_draws_each_layer(files, capsys):
+    """--model deep (DeepPatchFeatureRFM): evaluate scores it, filters draws each layer's metric."""
+    code, out, _ = call(["evaluate", "--model", files["features"], "--dataset", "digits"], capsys)
+    assert code == 0 and "accuracy" in out
+    assert float(out.split("accuracy ")[1].split()[0]) > 0.5
+    saved = json.loads((files["features"].parent / "history.json").read_text())
+    assert [len(layer) for layer in saved["history"]] == [2, 2]
+    for layer, channels in (("0", 1), ("1", 8)):
+        target = files["features"].parent / f"layer{layer}.png"
+        code, text, _ = call(["filters", "--model", files["features"], "--layer", layer, "--k", "3", "--out", target],
+                             capsys)
+        assert code == 0 and f"layer {layer}: M of iteration" in text and target.exists()
+
+
+def test_deep_model_layers_from_options_and_preset(tmp_path):
+    def build(*options):
+        return cli.build_model(build_parser().parse_args(["fit", "--model", "deep", "--out-dir", str(tmp_path), *options]), {})
+
+    layers = build("--depth", "3", "--width", "32", "--rank", "64", "--iterations", "0").layers
+    assert [(s.n_atoms, s.rank, s.iterations) for s in layers] == [(32, 64, 0)] * 3 and layers[-1].pool is None
+    preset = build("--preset", "cifar10", "--iterations", "0")
+    assert preset.layers == [FeatureLayer(**{**s, "iterations": 0}) for s in PRESETS["cifar10"]["deep"]["cpu"]["layers"]]
+    assert build("--preset", "cifar10", "--pooling", "3").pooling == 3

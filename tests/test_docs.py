@@ -29,6 +29,9 @@ NEEDS_CIFAR = ("cifar10_", "cnfa_check")  # examples that read the shared CIFAR-
 # Full-size experiments whose small run is documented too (`--small`): only their arguments are parsed.
 PARSE_ONLY = ("python examples/cifar10_convrfm.py --n-train 10000",)
 SMALL = {  # appended options override the documented sizes (argparse keeps the last value); first match only
+    "--model deep --preset": ["--n-train", "300", "--depth", "2", "--width", "16", "--rank", "32",
+                              "--agop-samples", "100", "--iterations", "1"],
+    "examples/cifar10_deep_features.py": ["--n", "300", "--n-val", "100", "--agop-samples", "50"],
     "convrfm fit --dataset npz --data ../shared/data/cifar10_train.npz --preset": [
         "--n-train", "300", "--atoms", "64", "--agop-samples", "100", "--iterations", "1"],
     "examples/quickstart.py": ["--n", "100", "--iterations", "1"],
