@@ -29,7 +29,7 @@ import torch
 
 from .base_kernels import BASE_KERNELS
 from .estimator import COMMON_PARAMS, LearnedMetric, RFMEstimator, warn_tied_iterates
-from .feature_rfm import PATCH_FEATURE_PARAMS, check_encoding, code_bandwidth
+from .feature_rfm import KMEANS_ITERATIONS, PATCH_FEATURE_PARAMS, check_encoding, code_bandwidth
 from .features import PatchFeatureMap, RidgeStatistics, kmeans_atoms, pooling_matrix
 from .memory import memory_budget
 from .metric import patch_covariance, principal_factor, refine_factor, whitening_factor
@@ -48,7 +48,6 @@ DATA_IMAGES = 2000
 SAMPLE_PATCHES = 200_000
 # Of them, the patches whose covariance gives the start metric (float64 copies of d-dim patches).
 COVARIANCE_PATCHES = 50_000
-KMEANS_ITERATIONS = 10
 METRICS = ("whiten", "identity")
 DEFAULT_MEMORY = 2**30
 
