@@ -173,6 +173,19 @@ def test_refine_metric_keeps_or_replaces():
     assert torch.allclose(refine_metric(L, G, 0.5, 0.0), expected, atol=1e-10)
 
 
+def _autograd_agop(U, pooled_features, W):
+    """(1/n) Σ_{i,p,o} g gᵀ, g = ∂(Φ(U_i)·W)_o / ∂u_{ip} by autograd: Φ as a function of the transformed
+    patches U (n, P, r), each patch independent; ``pooled_features`` maps U to (n, R, k)."""
+    U = U.detach().requires_grad_(True)
+    out = pooled_features(U).reshape(U.shape[0], -1) @ W
+    G = torch.zeros(U.shape[-1], U.shape[-1], dtype=torch.float64)
+    for o in range(out.shape[1]):
+        grad, = torch.autograd.grad(out[:, o].sum(), U, retain_graph=True)
+        flat = grad.reshape(-1, grad.shape[-1])
+        G += flat.T @ flat
+    return G / U.shape[0]
+
+
 @pytest.mark.parametrize("kernel", ["laplace", "gaussian", "ntk"])
 @pytest.mark.parametrize("pooling", [2, (2, 1)])
 def test_feature_agop_matches_autograd(kernel, pooling):
@@ -185,19 +198,13 @@ def test_feature_agop_matches_autograd(kernel, pooling):
                            pooling_matrix(geometry.out_shape, pooling))
     W = torch.randn(fmap.num_features, 3, generator=g, dtype=torch.float64)
     G_t = fmap.transformed_agop(X, W)
-    # autograd: f as a function of the transformed patches u_p = Lᵀx_p, each patch independent
-    U = geometry.transformed_patches(X, fmap.factor).transpose(0, 1).contiguous().requires_grad_(True)  # (n, P, r)
-    Kx = torch.stack([
-        BASE_KERNELS[kernel].pairs(U.unsqueeze(2), fmap.atoms_t.expand(U.shape[1], -1, -1).unsqueeze(0), 2.0)
-    ])[0]  # (n, P, k)
-    F = torch.matmul(torch.matmul(fmap.pool, Kx), fmap.projector).reshape(X.shape[0], -1)
-    out = F @ W
-    G_ref = torch.zeros_like(G_t)
-    for o in range(out.shape[1]):
-        grad, = torch.autograd.grad(out[:, o].sum(), U, retain_graph=True)
-        flat = grad.reshape(-1, grad.shape[-1])
-        G_ref += flat.T @ flat
-    G_ref /= X.shape[0]
+    U = geometry.transformed_patches(X, fmap.factor).transpose(0, 1).contiguous()  # (n, P, r)
+
+    def nystrom_features(U):
+        codes = BASE_KERNELS[kernel].pairs(U.unsqueeze(2), fmap.atoms_t.view(1, 1, *fmap.atoms_t.shape), 2.0)
+        return torch.matmul(torch.matmul(fmap.pool, codes), fmap.projector)
+
+    G_ref = _autograd_agop(U, nystrom_features, W)
     assert torch.allclose(G_t, G_ref, atol=1e-10 * G_ref.abs().max(), rtol=0)
 
 
@@ -238,14 +245,7 @@ def test_triangle_features_and_agop_match_autograd(pooling, dtype):
     assert torch.allclose(low.transform(X.to(dtype)).double(), expected, atol=tol * expected.abs().max(), rtol=0)
     W = torch.randn(fmap.num_features, 3, generator=g, dtype=torch.float64)
     G_t = fmap.transformed_agop(X, W)
-    U.requires_grad_(True)
-    out = (torch.matmul(pool, triangle_code(U, fmap.atoms_t)).reshape(X.shape[0], -1)) @ W
-    G_ref = torch.zeros_like(G_t)
-    for o in range(out.shape[1]):
-        grad, = torch.autograd.grad(out[:, o].sum(), U, retain_graph=True)
-        flat = grad.reshape(-1, grad.shape[-1])
-        G_ref += flat.T @ flat
-    G_ref /= X.shape[0]
+    G_ref = _autograd_agop(U, lambda U: torch.matmul(pool, triangle_code(U, fmap.atoms_t)), W)
     assert torch.allclose(G_t, G_ref, atol=1e-10 * G_ref.abs().max(), rtol=0)
 
 
