@@ -456,7 +456,7 @@ class DeepPatchFeatureRFM(RFMEstimator):
             history.append(record)
             store.save(fingerprint, self.seed_, {**saved, "current": {"layer": index, "next": t + 1, "factor": factor,
                                                                       "best": best, "history": history}})
-        warn_tied_iterates(history, best["iteration"], key)
+        warn_tied_iterates(history, best["iteration"], key, f"layer {index}: ")
         return {"factor": best["factor"], "atoms": atoms, "sigma": best["sigma"], "coef": best["coef"],
                 "intercept": best["intercept"], "iteration": best["iteration"], "history": history}
 

@@ -131,14 +131,15 @@ def warn_few_locations(geometry) -> None:
              "pixels: the model ignores the rest; use a smaller stride")
 
 
-def warn_tied_iterates(history: list, best: int, key: str) -> None:
+def warn_tied_iterates(history: list, best: int, key: str, where: str = "") -> None:
     """Warn when other iterations of ``history`` reach the validation score ``val_<key>`` of the
-    kept iteration ``best`` (the first of the tied ones is kept)."""
+    kept iteration ``best`` (the first of the tied ones is kept); ``where`` (e.g. "layer 1: ")
+    starts the message."""
     name = "val_" + key
     kept = next(r for r in history if r["iteration"] == best)
     tied = [r["iteration"] for r in history if name in r and r[name] == kept.get(name)]
     if len(tied) > 1:
-        warn(f"iterations {', '.join(map(str, tied))} tie at {name} {kept[name]:.4f}: iteration {best} is kept "
+        warn(f"{where}iterations {', '.join(map(str, tied))} tie at {name} {kept[name]:.4f}: iteration {best} is kept "
              "(the first of them), so the validation split does not show whether the metric updates helped; "
              "more validation images tell them apart")
 

@@ -212,6 +212,12 @@ def test_estimator_fits_scores_and_round_trips(tmp_path):
     assert np.allclose(loaded.decision_function(X[100:]), model.decision_function(X[100:]), atol=0)
 
 
+def test_tied_iterates_are_named_by_layer():
+    X, y = _images()
+    with pytest.warns(UserWarning, match=r"^layer 1: iterations 0, 1, 2 tie at val_accuracy 1\.0000"):
+        DeepPatchFeatureRFM(**PARAMS).fit(X[:100], y[:100])
+
+
 def test_estimator_streams_the_maps_within_a_small_budget(monkeypatch):
     """A budget below the layer-1 maps of the training rows: they are recomputed chunk by chunk
     (more layer passes), and the model is the same (same patch sample: SAMPLE_PATCHES below both caps)."""
