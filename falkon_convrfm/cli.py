@@ -483,15 +483,27 @@ def build_model(args, config: dict):
     if model == "conv":
         return ConvRFM(**{**shared, **conv, **_known(config, ConvRFM, where)})
     config = dict(_known(config, DeepConvRFM, where))
-    if "layers" in config and layer_options:
-        raise ValueError(f"{' / '.join(layer_options)} and the 'layers' of {where} both describe the layers: use one")
     width = param_default(LayerSpec, "width") if args.width is None else args.width
-    layers = config.pop("layers", [{"width": width}] * (args.depth or 1))
-    if not isinstance(layers, list) or not all(isinstance(s, dict) for s in layers):
-        raise ValueError(f"{where}: 'layers' must be a list of objects of LayerSpec fields")
+    layers = _config_layers(config, LayerSpec, where, layer_options)
+    if layers is None:
+        layers = [{"width": width}] * (args.depth or 1)
     final = _known(config.pop("final", {}), ConvRFM, f"{where}, 'final'")
     layers = [_layer(LayerSpec, spec, where) for spec in layers]
     return DeepConvRFM(layers=layers, final={**conv, **final}, **{**shared, **config})
+
+
+def _config_layers(config: dict, cls, where: str, layer_options: list):
+    """The --config 'layers' (popped from ``config``): a list of objects of ``cls`` fields, or None
+    when the file has none; a ValueError when it is not such a list or the options describe the
+    layers too."""
+    if "layers" not in config:
+        return None
+    if layer_options:
+        raise ValueError(f"{' / '.join(layer_options)} and the 'layers' of {where} both describe the layers: use one")
+    layers = config.pop("layers")
+    if not isinstance(layers, list) or not all(isinstance(s, dict) for s in layers):
+        raise ValueError(f"{where}: 'layers' must be a list of objects of {cls.__name__} fields")
+    return layers
 
 
 def _layer(cls, fields: dict, where: str):
@@ -511,12 +523,9 @@ def deep_features_model(args, given: dict, config: dict, extras: dict, layer_opt
     given = dict(given)
     iterations = given.pop("iterations", None)
     config = dict(_known(config, DeepPatchFeatureRFM, where))
-    if "layers" in config and layer_options:
-        raise ValueError(f"{' / '.join(layer_options)} and the 'layers' of {where} both describe the layers: use one")
-    if "layers" in config:
-        if not isinstance(config["layers"], list) or not all(isinstance(s, dict) for s in config["layers"]):
-            raise ValueError(f"{where}: 'layers' must be a list of objects of FeatureLayer fields")
-        layers = [_layer(FeatureLayer, spec, where) for spec in config.pop("layers")]
+    layers = _config_layers(config, FeatureLayer, where, layer_options)
+    if layers is not None:
+        layers = [_layer(FeatureLayer, spec, where) for spec in layers]
     elif layer_options:
         ladder = {name: getattr(args, name) for name in LAYER_OPTIONS if getattr(args, name) is not None}
         layers = layer_ladder(**ladder)

@@ -161,7 +161,7 @@ def kmeans_atoms(patches: torch.Tensor, factor: torch.Tensor, k: int, iterations
 # ---------------------------------------------------------------------------------------------- the feature map
 @dataclasses.dataclass
 class PatchFeatureMap:
-    """Φ: images (rows of c·H·W) → pooled Nyström patch features (R·k), for one metric factor L.
+    """Φ: images (rows of c·H·W) → pooled patch codes (R·k), Nyström or triangle, for one metric factor L.
 
     ``atoms`` (k, d) are patches in pixel space; ``factor`` L (d, r); ``pool`` Π (R, P);
     ``encoding`` one of :data:`ENCODINGS` (``base`` and ``sigma`` serve ``"nystrom"`` only)."""
