@@ -290,6 +290,8 @@ class RidgeStatistics:
         if ridge <= 0:
             raise ValueError("every feature takes one value on all training images (e.g. constant images): "
                              "the head has nothing to fit")
-        A = self.gram + ridge * torch.eye(D, dtype=self.gram.dtype, device=self.gram.device)
-        W = torch.cholesky_solve(self.cross, torch.linalg.cholesky(A))  # A is positive definite
+        A = self.gram.clone()
+        A.diagonal().add_(ridge)  # gram + ridge·I without a D×D identity beside it
+        A = torch.linalg.cholesky(A, out=A)  # positive definite; factored in place
+        W = torch.cholesky_solve(self.cross, A)
         return W, self.target_mean - self.mean @ W
