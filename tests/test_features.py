@@ -6,8 +6,8 @@ import torch
 
 from falkon_convrfm.base_kernels import BASE_KERNELS
 from falkon_convrfm.feature_rfm import PatchFeatureRFM, flip_rows
-from falkon_convrfm.features import (PatchFeatureMap, RidgeStatistics, atom_kernel, inverse_sqrt, kmeans_atoms,
-                                     pooling_matrix, triangle_code)
+from falkon_convrfm.features import (PatchFeatureMap, RidgeStatistics, add_upper_gram_, atom_kernel, inverse_sqrt,
+                                     kmeans_atoms, mirror_upper_, pooling_matrix, triangle_code)
 from falkon_convrfm.kernel import ConvMahalanobisKernel
 from falkon_convrfm.metric import metric_factor, patch_covariance, refine_metric, whitening_metric
 from falkon_convrfm.patches import PatchGeometry
@@ -280,6 +280,17 @@ def test_ridge_statistics_solve_matches_lstsq():
     A = torch.cat([F, torch.ones(50, 1, dtype=torch.float64)], 1)
     ref = torch.linalg.lstsq(A, Y).solution
     assert torch.allclose(W, ref[:6], atol=1e-8) and torch.allclose(b, ref[6], atol=1e-8)
+
+
+@pytest.mark.parametrize("D, block", [(7, 3), (8, 8), (13, 4), (5, 9)])
+def test_block_upper_gram_equals_the_full_product(D, block):
+    g = torch.Generator().manual_seed(D)
+    X1, X2 = torch.randn(2, 11, D, generator=g, dtype=torch.float64)
+    gram = torch.zeros(D, D, dtype=torch.float64)
+    add_upper_gram_(gram, X1, block)
+    add_upper_gram_(gram, X2, block)
+    mirror_upper_(gram, block)
+    assert torch.allclose(gram, X1.T @ X1 + X2.T @ X2, atol=1e-12)
 
 
 def test_kmeans_finds_the_clusters_in_the_metric_coordinates():
