@@ -16,8 +16,9 @@ import torch
 
 from .base_kernels import BASE_KERNELS
 from .estimator import COMMON_PARAMS, RFMEstimator, median_bandwidth, warn_few_locations, warn_tied_iterates
-from .features import ENCODINGS, PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix
-from .memory import memory_budget
+from .features import (ENCODINGS, PatchFeatureMap, RidgeStatistics, kmeans_atoms, median_atom_distance, pooling_matrix,
+                       ridge_resident_bytes)
+from .memory import machine_memory, memory_budget
 from .metric import fixed_metric, metric_factor, patch_covariance, refine_metric, spectrum_summary, whitening_metric
 from .params import FACTORS, IMAGE_SHAPE, POOLING, Bandwidth, Integer, Interval, OneOf, Param, Positive, table
 from .patches import PatchGeometry
@@ -37,7 +38,8 @@ DICTIONARIES = ("random", "kmeans")
 KMEANS_PATCHES = 200_000
 KMEANS_ITERATIONS = 10
 AUGMENTS = (None, "flip")
-# Bytes of encoding and AGOP temporaries when max_memory is None.
+# Bytes of encoding and AGOP temporaries when max_memory is None (with max_memory: what the
+# resident features and Gram leave of it).
 DEFAULT_MEMORY = 2**30
 
 
@@ -137,7 +139,12 @@ class PatchFeatureRFM(RFMEstimator):
         Factors of ``penalty`` tried; the best on the validation split is kept.
     augment : None or "flip", default None
         "flip" adds the left–right mirror of every training image (validation stays as given).
-    task, validation_fraction, preprocess, dtype, device, max_memory, random_state,
+    max_memory : float or None, default None
+        Bytes for the whole fit: the resident training and validation features and the ridge
+        head's Gram matrix and factor (n·D·itemsize + 2·D²·8) must fit, the rest bounds the encoding
+        and AGOP chunks. None: 1 GiB of chunks, and the fit refuses to start (a ValueError) when the
+        resident part exceeds the available memory.
+    task, validation_fraction, preprocess, dtype, device, random_state,
     checkpoint_dir, channels_last, progress
         As in :class:`~falkon_convrfm.ConvRFM`.
 
@@ -252,6 +259,19 @@ class PatchFeatureRFM(RFMEstimator):
     def _memory(self) -> float:
         return memory_budget(self.max_memory, self.device, default=DEFAULT_MEMORY)
 
+    def _fit_budget(self, n_rows: int, n_features: int, itemsize: int) -> float:
+        """Bytes left for encoding and AGOP temporaries once the features, Gram and factor are
+        resident (:func:`~falkon_convrfm.features.ridge_resident_bytes`); a ValueError before any
+        work when they alone exceed ``max_memory``, or the available memory when it is None."""
+        resident = ridge_resident_bytes(n_rows, n_features, itemsize)
+        limit = memory_budget(self.max_memory, self.device)
+        limit, source = (limit, "max_memory") if np.isfinite(limit) else machine_memory(torch.device(self.device))
+        if resident > limit:
+            raise ValueError(f"the ridge head needs {resident / 2**30:.1f} GiB ({n_rows} × {n_features} features and two "
+                             f"{n_features}² float64 matrices) but the {source} is {limit / 2**30:.1f} GiB: lower "
+                             f"n_atoms or pooling, or train on fewer images")
+        return self._memory() if self.max_memory is None else limit - resident
+
     # ------------------------------------------------------------------ fit
     @scoped
     def fit(self, X, y, X_val=None, y_val=None):
@@ -264,6 +284,9 @@ class PatchFeatureRFM(RFMEstimator):
                                                  data.generator)
         n = Xtr.shape[0]
         geometry = self._geometry(image_shape)
+        regions = pooling_matrix(geometry.out_shape, self.pooling).shape[0]
+        budget = self._fit_budget(n * (2 if self.augment == "flip" else 1) + Xval.shape[0], regions * self.n_atoms,
+                                  Xtr.element_size())
         sample = Xtr[torch.randperm(n, generator=gen)[:DATA_IMAGES].to(Xtr.device)]
         patches = geometry.patches(sample).reshape(-1, geometry.patch_dim)
         patches = patches[torch.randperm(patches.shape[0], generator=gen).to(Xtr.device)]
@@ -284,7 +307,6 @@ class PatchFeatureRFM(RFMEstimator):
         else:
             start, M, best, self.history_, self.metrics_ = 0, start_metric, None, [], []
         key = "accuracy" if self.task_ == "classification" else "r2"
-        budget = self._memory()
         bar = steps(range(start, self.iterations + 1), "PatchFeatureRFM", self.iterations + 1, "iteration", start,
                     leave=True)
         for t in bar:
@@ -322,6 +344,7 @@ class PatchFeatureRFM(RFMEstimator):
             bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k.startswith("val_")})
             store.save(fingerprint, seed, {"next": t + 1, "M": M, "best": best, "history": self.history_,
                                             "metrics": self.metrics_})
+            del F, Fval, stats  # the next iteration's features take their place, not a second copy
         self.best_iteration_, self.M_, self.sigma_, self.penalty_ = best["iteration"], best["M"], best["sigma"], best["penalty"]
         self.coef_, self.intercept_ = best["coef"], best["intercept"]
         self._restore()

@@ -273,6 +273,12 @@ def mirror_upper_(gram: torch.Tensor, block: int = 2048) -> None:
         gram[i + block :, i : i + block] = gram[i : i + block, i + block :].T
 
 
+def ridge_resident_bytes(n_rows: int, n_features: int, itemsize: int) -> int:
+    """Bytes that stay resident while the ridge head is fitted: the feature matrix of n rows
+    (training and validation) n·D·itemsize, and the Gram matrix and its Cholesky factor 2·D²·8."""
+    return n_rows * n_features * itemsize + 2 * n_features**2 * 8
+
+
 @dataclasses.dataclass
 class RidgeStatistics:
     """Centred normal equations of ridge regression on features F (n, D) and targets Y (n, C):

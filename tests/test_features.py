@@ -382,6 +382,21 @@ def test_estimator_bad_parameters_are_one_line(param, value, message):
     assert "\n" not in str(info.value)
 
 
+def test_fit_refuses_features_beyond_the_memory_limit(monkeypatch):
+    import falkon_convrfm.feature_rfm as feature_rfm
+
+    X, y = _images(60)
+    params = dict(patch_size=3, n_atoms=8, pooling=2, iterations=1, random_state=0, progress=False)
+    # 48 train + 12 validation rows × 32 features float32, and two 32² float64 matrices: 24 064 bytes
+    with pytest.raises(ValueError, match=r"needs 0\.0 GiB \(60 × 32 features .* the max_memory is") as info:
+        PatchFeatureRFM(**params, max_memory=24_000).fit(X, y)
+    assert "\n" not in str(info.value)
+    assert PatchFeatureRFM(**params, max_memory=200_000).fit(X, y).predict(X).shape == (60,)
+    monkeypatch.setattr(feature_rfm, "machine_memory", lambda device: (1000.0, "available CPU memory"))
+    with pytest.raises(ValueError, match="the available CPU memory is 0.0 GiB: lower n_atoms or pooling"):
+        PatchFeatureRFM(**params).fit(X, y)
+
+
 def test_triangle_encoding_has_no_kernel_or_bandwidth():
     with pytest.raises(ValueError, match="encoding='triangle' has no kernel or bandwidth"):
         PatchFeatureRFM(sigma=2.0).fit(*_images(20))
