@@ -88,12 +88,9 @@ def squared_hinge_head(F, labels, Fv, penalties, iterations=100):
     Fc, Fvc = F - mean.float(), Fv - mean.float()
     Y = 2 * torch.nn.functional.one_hot(labels, 10).double() - 1
     stats = RidgeStatistics.of(F, Y)
-    D = F.shape[1]
     for penalty in penalties:
-        ridge = penalty * torch.trace(stats.gram) / D
-        L = torch.linalg.cholesky(stats.gram + ridge * torch.eye(D, dtype=torch.float64))
-        W0, _ = stats.solve(penalty)
-        V = (L.T @ W0).requires_grad_(True)
+        L, ridge = stats.factor(penalty)
+        V = (L.T @ torch.cholesky_solve(stats.cross, L)).requires_grad_(True)  # the ridge solution
         b = stats.target_mean.clone().requires_grad_(True)  # the intercept of centred features
         opt = torch.optim.LBFGS([V, b], max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
 

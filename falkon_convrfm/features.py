@@ -302,16 +302,18 @@ class RidgeStatistics:
         mirror_upper_(gram)
         return cls(mean, target_mean, gram, cross)
 
-    def solve(self, penalty: float):
-        """(W, b) minimising ‖Fc W − Yc‖² + λ·(tr(gram)/D)·‖W‖²: λ is relative to the mean
-        feature variance times n, so one grid serves every feature scale."""
-        D = self.gram.shape[0]
-        ridge = penalty * torch.trace(self.gram) / D
+    def factor(self, penalty: float):
+        """(L, ridge): the lower Cholesky factor of gram + ridge·I, ridge = λ·tr(gram)/D (λ relative
+        to the mean feature variance times n, so one grid serves every feature scale)."""
+        ridge = penalty * torch.trace(self.gram) / self.gram.shape[0]
         if ridge <= 0:
             raise ValueError("every feature takes one value on all training images (e.g. constant images): "
                              "the head has nothing to fit")
         A = self.gram.clone()
         A.diagonal().add_(ridge)  # gram + ridge·I without a D×D identity beside it
-        A = torch.linalg.cholesky(A, out=A)  # positive definite; factored in place
-        W = torch.cholesky_solve(self.cross, A)
+        return torch.linalg.cholesky(A, out=A), ridge  # positive definite; factored in place
+
+    def solve(self, penalty: float):
+        """(W, b) minimising ‖Fc W − Yc‖² + ridge·‖W‖² (:meth:`factor`)."""
+        W = torch.cholesky_solve(self.cross, self.factor(penalty)[0])
         return W, self.target_mean - self.mean @ W
